@@ -1,0 +1,688 @@
+"""Shared pieces of the GrokTransfer experiments: config, runtime, models, training loop, metrics, plots.
+
+Every experiment script (exp_*.py) imports this one module and nothing else from the project.
+The pieces here are the stable, tested ones; the experiment logic (data, which models, the transfer)
+lives in the scripts, where a researcher who copies a script will edit it.
+
+K members at once
+-----------------
+Every model here holds K >= 1 independent members (seeds, init scales, learning rates, weight
+decays) as stacked parameters with a leading K dimension, and the training function steps them
+together with batched matmuls. K = 1 is the ordinary run; multi-seed bands and the paper's grid
+search use the same code. Members never mix: the loss is a sum of per-member losses, and each
+member's init is drawn from its own seeded generator, so a member trained among K others follows
+the same trajectory (to float32 rounding) as when it is trained alone (tests/test_common.py).
+
+Re-plot a finished run:  python common.py plot runs/modular/<name>
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import math
+import os
+import random
+import sys
+import tempfile
+import time
+import types
+import typing
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import yaml
+
+# -----------------------------------------------------------------------------
+# Configuration: defaults (a dataclass in the script) < --config FILE.yaml < --key value flags
+
+
+class ConfigError(ValueError):
+    """Bad user input. Scripts turn it into a one-line message and exit status 2."""
+
+
+def _base_type(tp):
+    """(type, optional) for a field annotation such as `float`, `float | None`, `Optional[str]`."""
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return rest[0], True
+    return tp, False
+
+
+def _coerce(key, value, tp, choices):
+    """Convert one raw value (from YAML or the command line) to the field's type, or raise."""
+    base, optional = _base_type(tp)
+    if optional and (value is None or (isinstance(value, str) and value.lower() in ("none", "null"))):
+        return None
+    want = getattr(base, "__name__", str(base))
+    try:
+        if base is bool:
+            if isinstance(value, bool):
+                out = value
+            elif isinstance(value, str) and value.lower() in ("true", "1", "yes"):
+                out = True
+            elif isinstance(value, str) and value.lower() in ("false", "0", "no"):
+                out = False
+            else:
+                raise ValueError
+        elif base is int:
+            if isinstance(value, bool):
+                raise ValueError
+            f = float(value)  # accepts "10000" and "1e4"
+            if not f.is_integer():
+                raise ValueError
+            out = int(f)
+        elif base is float:
+            if isinstance(value, bool):
+                raise ValueError
+            out = float(value)  # YAML 1.1 reads 1e-3 as a string; float() takes it
+        elif base is str:
+            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+                raise ValueError
+            out = str(value)
+        else:
+            raise ConfigError(f"config key '{key}' has an unsupported type {tp}")
+    except (ValueError, TypeError):
+        raise ConfigError(f"config key '{key}' expects {want}{' or none' if optional else ''}, got {value!r}") from None
+    if key in choices and out not in choices[key]:
+        raise ConfigError(f"config key '{key}' must be one of {', '.join(map(str, choices[key]))}; got {out!r}")
+    return out
+
+
+def parse_config(defaults, argv: list[str], choices: dict | None = None):
+    """Return a copy of the dataclass `defaults` overridden by `--config FILE` and then `--key value`.
+
+    Types follow the dataclass annotations; an unknown key, a wrong type or a value outside
+    `choices[key]` raises ConfigError with a one-line message naming the key.
+    A bool field may be given as a bare flag (`--deterministic`).
+    """
+    choices = choices or {}
+    hints = typing.get_type_hints(type(defaults))
+    names = [f.name for f in dataclasses.fields(defaults)]
+    values = dataclasses.asdict(defaults)
+
+    def unknown(key):
+        return ConfigError(f"unknown config key '{key}'; valid keys: {', '.join(names)}")
+
+    # split argv into (key, raw value) pairs; --config is handled first wherever it appears
+    pairs, config_file, i = [], None, 0
+    while i < len(argv):
+        tok = argv[i]
+        if not tok.startswith("--") or len(tok) == 2:
+            raise ConfigError(f"unexpected argument '{tok}'; use --key value")
+        key, eq, raw = tok[2:].partition("=")
+        key = key.replace("-", "_")
+        if not eq:
+            nxt = argv[i + 1] if i + 1 < len(argv) else None
+            if key in hints and _base_type(hints[key])[0] is bool and (nxt is None or nxt.startswith("--")):
+                raw = "true"  # bare boolean flag
+            elif nxt is None:
+                raise ConfigError(f"config key '{key}' needs a value")
+            else:
+                raw, i = nxt, i + 1
+        i += 1
+        if key == "config":
+            config_file = raw
+        else:
+            pairs.append((key, raw))
+
+    if config_file is not None:
+        path = Path(config_file)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {config_file}")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" (line {mark.line + 1})" if mark else ""
+            raise ConfigError(f"config file {config_file} is not valid YAML{where}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {config_file} must be a mapping of key: value")
+        for key, raw in loaded.items():
+            if key not in hints:
+                raise unknown(key)
+            values[key] = _coerce(key, raw, hints[key], choices)
+    for key, raw in pairs:
+        if key not in hints:
+            raise unknown(key)
+        values[key] = _coerce(key, raw, hints[key], choices)
+    return type(defaults)(**values)
+
+
+def config_or_exit(defaults, argv=None, choices=None, check=None):
+    """parse_config + the script's own `check(cfg)`; any ConfigError -> one line on stderr, exit 2."""
+    try:
+        cfg = parse_config(defaults, sys.argv[1:] if argv is None else argv, choices)
+        if check is not None:
+            check(cfg)
+        return cfg
+    except ConfigError as e:
+        fail(str(e))
+
+
+def fail(msg: str, status: int = 2):
+    """Print a one-line error naming the problem and exit (status 2 = bad input)."""
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(status)
+
+
+# -----------------------------------------------------------------------------
+# Runtime: device, seeding, run directory, atomic files
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device '{name}' requested but CUDA is not available; use --device cpu")
+    return torch.device(name)
+
+
+def set_seed(seed: int, deterministic: bool = False):
+    """Seed python, numpy and torch (all devices). Model init draws from its own generators anyway."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        # CPU kernels are deterministic already; this makes CUDA ones so too (or raise if impossible)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+
+
+def run_dir(experiment: str, name: str, out: str) -> Path:
+    """runs/<experiment>/<name or timestamp>/, or `out` if given. Fails (exit 2) if not writable."""
+    path = Path(out) if out else Path("runs") / experiment / (name or time.strftime("%Y%m%d-%H%M%S"))
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=path, prefix=".probe", delete=True)
+        probe.close()
+    except OSError as e:
+        raise ConfigError(f"output directory {path} is not writable ({e.strerror})") from None
+    return path
+
+
+def write_atomic(path: Path, data: bytes | str):
+    """Write to a temporary file beside `path`, fsync, then rename: a crash never leaves half a file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_atomic(obj, path: Path):
+    """torch.save through write_atomic."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    write_atomic(path, buf.getvalue())
+
+
+def save_config(cfg, path: Path):
+    write_atomic(path, yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+
+
+def save_json(obj, path: Path):
+    write_atomic(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
+
+
+# -----------------------------------------------------------------------------
+# Models: K members held as stacked parameters (leading dim K). Bias-free throughout, as in the
+# paper ("all FNN models ... are homogeneous and do not have bias terms").
+
+
+def _per_member(value, K: int) -> list[float]:
+    """A scalar or a length-K sequence -> list of K floats."""
+    if isinstance(value, (int, float)):
+        return [float(value)] * K
+    value = [float(v) for v in value]
+    if len(value) != K:
+        raise ValueError(f"expected {K} per-member values, got {len(value)}")
+    return value
+
+
+def linear_init(gen: torch.Generator, fan_in: int, shape, scale: float) -> torch.Tensor:
+    """PyTorch's default nn.Linear weight init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)), times init_scale.
+
+    (kaiming_uniform_ with a=sqrt(5) has bound sqrt(6/((1+5) fan_in)) = 1/sqrt(fan_in).)
+    Stored as (in, out) so that a forward pass is x @ W.
+    """
+    bound = 1.0 / math.sqrt(fan_in)
+    return (torch.rand(shape, generator=gen) * 2 - 1) * bound * scale
+
+
+def embedding_init(gen: torch.Generator, shape, scale: float) -> torch.Tensor:
+    """PyTorch's default nn.Embedding init, N(0, 1), times init_scale."""
+    return torch.randn(shape, generator=gen) * scale
+
+
+class Embedding(nn.Module):
+    """A plain trainable embedding table per member: weight (K, vocab, d)."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(weight)  # (K, V, d)
+
+    def table(self) -> torch.Tensor:
+        return self.weight  # (K, V, d)
+
+
+class FactoredEmbedding(nn.Module):
+    """GrokTransfer's embedding E = A @ B (paper Section 2.2), both factors trainable.
+
+    A (K, vocab, d_weak) starts as the weak model's embedding; B (K, d_weak, d_target) is random.
+    For dense inputs (parity, MNIST) the same module is the first layer: x @ A @ B (`project`).
+    """
+
+    def __init__(self, A: torch.Tensor, B: torch.Tensor):
+        super().__init__()
+        if A.dim() != 3 or B.dim() != 3 or A.shape[0] != B.shape[0] or A.shape[2] != B.shape[1]:
+            raise ValueError(f"FactoredEmbedding needs A (K, V, r) and B (K, r, d); got {tuple(A.shape)} and {tuple(B.shape)}")
+        self.A = nn.Parameter(A)  # (K, V, r)
+        self.B = nn.Parameter(B)  # (K, r, d)
+
+    def table(self) -> torch.Tensor:
+        return torch.bmm(self.A, self.B)  # (K, V, d)
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """Dense input x (n, V) -> (K, n, d), i.e. x @ A @ B per member."""
+        return torch.matmul(torch.matmul(x, self.A), self.B)
+
+
+def factored_embedding(weak: torch.Tensor, vocab: int, d_target: int, init_scales, seeds) -> FactoredEmbedding:
+    """A = the weak embedding (not rescaled), B drawn like a default nn.Linear(d_weak, d_target) times init_scale.
+
+    `weak` is (V, r) (one weak model for every member) or (K, V, r) (one per member).
+    """
+    K = len(seeds)
+    if weak.dim() == 2:
+        weak = weak.unsqueeze(0).expand(K, -1, -1)
+    if weak.dim() != 3 or weak.shape[0] != K:
+        raise ConfigError(f"weak embedding must be (vocab, d) or ({K}, vocab, d); got shape {tuple(weak.shape)}")
+    if weak.shape[1] != vocab:
+        raise ConfigError(f"weak embedding has vocabulary size {weak.shape[1]} but the task needs {vocab}")
+    r = weak.shape[2]
+    scales = _per_member(init_scales, K)
+    B = torch.stack([linear_init(torch.Generator().manual_seed(s), r, (r, d_target), c) for s, c in zip(seeds, scales)])
+    return FactoredEmbedding(weak.detach().clone().float(), B)
+
+
+class TokenMLP(nn.Module):
+    """K bias-free ReLU MLPs reading a sequence of tokens through an embedding, tokens concatenated.
+
+    f(x) = W_L relu(... relu(W_1 [E x_1; E x_2; ...])), as in appendix A.3.1. A "two-layer FNN" has
+    one hidden layer (widths=[16]); a "three-layer FNN" two (widths=[512, 512]).
+    """
+
+    def __init__(self, embed: nn.Module, weights: list[torch.Tensor]):
+        super().__init__()
+        self.embed = embed
+        self.layers = nn.ParameterList([nn.Parameter(w) for w in weights])  # each (K, in, out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        table = self.embed.table()  # (K, V, d)
+        K, n = table.shape[0], x.shape[0]
+        h = table[:, x].reshape(K, n, -1)  # (K, n, tokens * d)
+        for i, w in enumerate(self.layers):
+            h = torch.bmm(h, w)  # (K, n, out)
+            if i < len(self.layers) - 1:
+                h = torch.relu(h)
+        return h  # (K, n, n_out) logits
+
+
+def token_mlp(vocab: int, n_tokens: int, d_embed: int, widths: list[int], n_out: int, init_scales, seeds,
+              weak: torch.Tensor | None = None) -> TokenMLP:
+    """Build K members. Member k draws all its weights from Generator(seeds[k]): embedding, then layers.
+
+    With `weak` given, the embedding is FactoredEmbedding(A=weak, B random) instead of a plain table.
+    """
+    K = len(seeds)
+    scales = _per_member(init_scales, K)
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    if weak is None:
+        embed = Embedding(torch.stack([embedding_init(g, (vocab, d_embed), c) for g, c in zip(gens, scales)]))
+    else:
+        # B uses a seed stream of its own so the layers below get the same draws with or without transfer
+        embed = factored_embedding(weak, vocab, d_embed, scales, [s + 10_000_019 for s in seeds])
+    sizes = [n_tokens * d_embed, *widths, n_out]
+    weights = []
+    for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
+        weights.append(torch.stack([linear_init(g, fan_in, (fan_in, fan_out), c) for g, c in zip(gens, scales)]))
+    return TokenMLP(embed, weights)
+
+
+def n_members(model: nn.Module) -> int:
+    return next(model.parameters()).shape[0]
+
+
+def weight_norm(model: nn.Module) -> torch.Tensor:
+    """Per-member L2 norm of all parameters, (K,)."""
+    return torch.sqrt(sum(p.detach().pow(2).flatten(1).sum(1) for p in model.parameters()))
+
+
+# -----------------------------------------------------------------------------
+# Losses and accuracy, per member: logits (K, n, C), labels (n,) -> (K,)
+
+
+def cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    K, n, C = logits.shape
+    loss = F.cross_entropy(logits.reshape(K * n, C), y.repeat(K), reduction="none")
+    return loss.view(K, n).mean(1)
+
+
+def accuracy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return (logits.argmax(-1) == y).float().mean(1)
+
+
+# -----------------------------------------------------------------------------
+# AdamW on stacked parameters with per-member lr and weight decay. Same arithmetic as
+# torch.optim.AdamW (single-tensor path): p *= 1 - lr*wd; m, v moments; p -= lr/bc1 * m/(sqrt(v)/sqrt(bc2)+eps)
+
+
+class AdamW:
+    def __init__(self, params, lr, wd, betas=(0.9, 0.999), eps=1e-8):
+        self.params = [p for p in params]
+        K = self.params[0].shape[0]
+        dev = self.params[0].device
+        self.lr = torch.tensor(_per_member(lr, K), device=dev)  # (K,)
+        self.wd = torch.tensor(_per_member(wd, K), device=dev)  # (K,)
+        self.betas, self.eps, self.step_count = betas, eps, 0
+        self.m = [torch.zeros_like(p) for p in self.params]
+        self.v = [torch.zeros_like(p) for p in self.params]
+        self.active = torch.ones(K, dtype=torch.bool, device=dev)  # frozen members keep their state
+        self.all_active = True  # host-side copy, refreshed by the caller at evaluation time
+
+    @torch.no_grad()
+    def step(self):
+        self.step_count += 1
+        b1, b2 = self.betas
+        bc1, bc2_sqrt = 1 - b1 ** self.step_count, math.sqrt(1 - b2 ** self.step_count)
+        for p, m, v in zip(self.params, self.m, self.v):
+            shape = (-1,) + (1,) * (p.dim() - 1)
+            lr, wd = self.lr.view(shape), self.wd.view(shape)
+            g = p.grad
+            if self.all_active:
+                p.mul_(1 - lr * wd)
+                m.lerp_(g, 1 - b1)
+                v.mul_(b2).addcmul_(g, g, value=1 - b2)
+                p.sub_(lr / bc1 * m / (v.sqrt() / bc2_sqrt + self.eps))
+            else:
+                keep = self.active.view(shape)
+                new_m = torch.lerp(m, g, 1 - b1)
+                new_v = v * b2 + (1 - b2) * g * g
+                new_p = p * (1 - lr * wd) - lr / bc1 * new_m / (new_v.sqrt() / bc2_sqrt + self.eps)
+                m.copy_(torch.where(keep, new_m, m))
+                v.copy_(torch.where(keep, new_v, v))
+                p.copy_(torch.where(keep, new_p, p))
+
+
+# -----------------------------------------------------------------------------
+# Training: one plain function, called once per phase. Full batch; no host sync between evaluations.
+
+METRICS = ("train_loss", "train_acc", "test_loss", "test_acc", "weight_norm")
+
+
+@torch.no_grad()
+def evaluate(model, data, loss_fn, acc_fn, chunk: int = 16384) -> torch.Tensor:
+    """(K, 5) tensor of METRICS for every member; the test set is evaluated in chunks."""
+    out = []
+    for x, y in ((data["x_train"], data["y_train"]), (data["x_test"], data["y_test"])):
+        loss_sum = acc_sum = 0
+        for i in range(0, len(y), chunk):
+            logits = model(x[i:i + chunk])
+            n = len(y[i:i + chunk])
+            loss_sum = loss_sum + loss_fn(logits, y[i:i + chunk]) * n
+            acc_sum = acc_sum + acc_fn(logits, y[i:i + chunk]) * n
+        out += [loss_sum / len(y), acc_sum / len(y)]
+    out.append(weight_norm(model))
+    return torch.stack(out, 1)  # (K, 5)
+
+
+def train(model, data, *, epochs: int, lr, wd, betas=(0.9, 0.999), eps=1e-8, eval_every: int = 10,
+          stop_at: float | None = None, loss_fn=cross_entropy, acc_fn=accuracy, desc: str = "train",
+          quiet: bool = False) -> dict:
+    """Full-batch AdamW on all K members of `model` for `epochs` epochs; returns the history.
+
+    data: dict of device tensors x_train, y_train, x_test, y_test.
+    lr, wd: a float or one value per member.
+    Evaluates at epoch 0, at every multiple of eval_every, at powers of two below eval_every (so log-x
+    plots have early points) and at the last epoch. Between evaluations nothing waits on the device.
+    stop_at: a member whose test accuracy reaches it stops updating (frozen); training ends when all have.
+    A member whose train loss becomes NaN/inf is frozen and marked failed at that epoch; if all members
+    fail the phase stops and history["diverged"] is True.
+    Returns dict: epochs (E,), metrics (E, K, 5) numpy, stop_epoch / failed_epoch (K,) (-1 = never),
+    epochs_run, wall_s.
+    """
+    K = n_members(model)
+    opt = AdamW(model.parameters(), lr, wd, betas, eps)
+    x, y = data["x_train"], data["y_train"]
+    stop_epoch = np.full(K, -1)
+    failed_epoch = np.full(K, -1)
+    rows, epochs_logged = [], []
+    eval_at = set(range(0, epochs + 1, eval_every)) | {e for e in (1, 2, 4, 8, 16, 32, 64) if e < eval_every} | {epochs}
+    bar = _progress(epochs, desc, quiet)
+    log_every = max(eval_every, (epochs // 10) // eval_every * eval_every)
+    t0, epoch = time.perf_counter(), 0
+
+    def record(epoch):
+        """Evaluate; the one host sync per evaluation. Returns False when no member is left training."""
+        row = evaluate(model, data, loss_fn, acc_fn).cpu().numpy()  # (K, 5)
+        rows.append(row)
+        epochs_logged.append(epoch)
+        newly_failed = ~np.isfinite(row[:, 0]) & (failed_epoch < 0) & (stop_epoch < 0)
+        failed_epoch[newly_failed] = epoch
+        if stop_at is not None:
+            reached = (row[:, 3] >= stop_at) & (stop_epoch < 0) & (failed_epoch < 0)
+            stop_epoch[reached] = epoch
+        running = (stop_epoch < 0) & (failed_epoch < 0)
+        if not running.all():
+            opt.active.copy_(torch.as_tensor(running, device=opt.active.device))
+            opt.all_active = False
+        bar.set_postfix_str(f"train {np.nanmean(row[:, 1]):.3f} test {np.nanmean(row[:, 3]):.3f}")
+        bar.update(epoch - bar.n)
+        if bar.disable and not quiet and (epoch % log_every == 0 or epoch == epochs):
+            print(f"[{desc}] epoch {epoch:6d}  train_acc {np.nanmean(row[:, 1]):.4f}  test_acc {np.nanmean(row[:, 3]):.4f}"
+                  f"  train_loss {np.nanmean(row[:, 0]):.4g}  {time.perf_counter() - t0:.1f}s", flush=True)
+        return running.any()
+
+    going = record(0)
+    while going and epoch < epochs:
+        epoch += 1
+        loss = loss_fn(model(x), y)  # (K,)
+        model.zero_grad(set_to_none=True)
+        loss.sum().backward()  # members are independent: d(sum)/d(member k) = d(loss_k)
+        opt.step()
+        if epoch in eval_at:
+            going = record(epoch)
+    if epoch not in epochs_logged:
+        record(epoch)
+    bar.close()
+    if _sync_needed(model):
+        torch.cuda.synchronize()
+    diverged = bool((failed_epoch >= 0).all())
+    if diverged and not quiet:
+        print(f"[{desc}] all members diverged (NaN/inf loss); first at epoch {failed_epoch.min()}", file=sys.stderr)
+    elif (failed_epoch >= 0).any() and not quiet:
+        print(f"[{desc}] members {np.flatnonzero(failed_epoch >= 0).tolist()} diverged (NaN/inf loss)", file=sys.stderr)
+    return dict(epochs=np.array(epochs_logged), metrics=np.stack(rows), stop_epoch=stop_epoch,
+                failed_epoch=failed_epoch, epochs_run=epoch, wall_s=time.perf_counter() - t0, diverged=diverged)
+
+
+def _sync_needed(model) -> bool:
+    return next(model.parameters()).is_cuda
+
+
+def _progress(total: int, desc: str, quiet: bool):
+    """tqdm bar on a terminal; disabled (and replaced by log lines) when output is not a terminal."""
+    from tqdm import tqdm
+    return tqdm(total=total, desc=desc, disable=True if quiet else None, leave=False, dynamic_ncols=True)
+
+
+# -----------------------------------------------------------------------------
+# Metrics over a history
+
+
+def first_epoch(epochs, values, threshold: float) -> int | None:
+    """First logged epoch with value >= threshold, or None if never."""
+    hit = np.flatnonzero(np.asarray(values) >= threshold)
+    return int(np.asarray(epochs)[hit[0]]) if len(hit) else None
+
+
+def time_gap(epochs, train_acc, test_acc, threshold: float = 0.95) -> int | None:
+    """The paper's Time Gap (Section 4.1): first epoch test acc >= 95% minus first epoch train acc >= 95%.
+    None when either is never reached (the paper then sets 1/TimeGap = 0)."""
+    tr, te = first_epoch(epochs, train_acc, threshold), first_epoch(epochs, test_acc, threshold)
+    return None if tr is None or te is None else te - tr
+
+
+def inverse_time_gap(gap: int | None) -> float:
+    """1/TimeGap, 0 when the model never reaches 95%. A gap of 0 or less (test reached no later than
+    train, at the evaluation resolution) counts as 1 epoch."""
+    return 0.0 if gap is None else 1.0 / max(gap, 1)
+
+
+def summarize(history: dict, member: int | None = None) -> dict:
+    """Per-phase summary fields for one member (or for member 0 when K == 1)."""
+    K = history["metrics"].shape[1]
+    if member is None:
+        if K != 1:
+            return {"members": [summarize(history, k) for k in range(K)]}
+        member = 0
+    ep, m = history["epochs"], history["metrics"][:, member]
+    finite = np.isfinite(m).all(1)
+    last = m[np.flatnonzero(finite)[-1]] if finite.any() else np.full(len(METRICS), np.nan)
+    gap = time_gap(ep, m[:, 1], m[:, 3])
+
+    def clean(v):
+        return None if v is None or not np.isfinite(v) else float(v)
+
+    return dict(
+        first_epoch_train_95=first_epoch(ep, m[:, 1], 0.95),
+        first_epoch_test_95=first_epoch(ep, m[:, 3], 0.95),
+        first_epoch_test_99=first_epoch(ep, m[:, 3], 0.99),
+        time_gap=gap,
+        inverse_time_gap=inverse_time_gap(gap),
+        final_train_acc=clean(last[1]),
+        final_test_acc=clean(last[3]),
+        final_train_loss=clean(last[0]),
+        final_test_loss=clean(last[2]),
+        max_test_acc=clean(np.nanmax(m[:, 3])) if finite.any() else None,
+        epochs=int(history["epochs_run"]),
+        stopped_at=int(history["stop_epoch"][member]) if history["stop_epoch"][member] >= 0 else None,
+        diverged_at=int(history["failed_epoch"][member]) if history["failed_epoch"][member] >= 0 else None,
+        wall_s=round(float(history["wall_s"]), 3),
+    )
+
+
+def history_rows(phase: str, history: dict) -> list[dict]:
+    """Rows of metrics.csv: phase, member, epoch, METRICS."""
+    rows = []
+    for i, epoch in enumerate(history["epochs"]):
+        for k, row in enumerate(history["metrics"][i]):
+            rows.append(dict(phase=phase, member=k, epoch=int(epoch), **{n: float(v) for n, v in zip(METRICS, row)}))
+    return rows
+
+
+def write_metrics(path: Path, rows: list[dict]):
+    """Write every row so far to metrics.csv atomically (called after each phase)."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=["phase", "member", "epoch", *METRICS])
+    writer.writeheader()
+    writer.writerows(rows)
+    write_atomic(path, buf.getvalue())
+
+
+def read_metrics(path: Path) -> dict[str, dict]:
+    """metrics.csv -> {phase: {"epochs": (E,), "metrics": (E, K, 5)}} in file order of phases."""
+    by_phase: dict[str, dict] = {}
+    with open(path) as f:
+        for r in csv.DictReader(f):
+            d = by_phase.setdefault(r["phase"], {})
+            d.setdefault(int(r["epoch"]), {})[int(r["member"])] = [float(r[n]) for n in METRICS]
+    out = {}
+    for phase, d in by_phase.items():
+        epochs = sorted(d)
+        K = max(len(v) for v in d.values())
+        out[phase] = dict(epochs=np.array(epochs), metrics=np.array([[d[e][k] for k in range(K)] for e in epochs]))
+    return out
+
+
+# -----------------------------------------------------------------------------
+# Plots: drawn from metrics.csv, so they can be redrawn for any finished run
+
+
+PHASE_TITLES = {"weak": "weak model", "groktransfer": "target via GrokTransfer", "scratch": "target from scratch"}
+
+
+def plot_dynamics(run: Path, out: Path | None = None, title: str = "") -> Path:
+    """Train/test accuracy against epoch (log x), one panel per phase, as in the paper's Fig 1b / 17.
+
+    With K > 1 members: the mean, and a min-max band. Dotted lines mark the first epochs at 95%
+    train and 95% test accuracy (member mean), whose distance is the Time Gap. Non-finite values are
+    reported on the panel, never drawn as if they were numbers.
+    """
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run = Path(run)
+    phases = read_metrics(run / "metrics.csv")
+    fig, axes = plt.subplots(1, len(phases), figsize=(4.2 * len(phases), 3.4), squeeze=False)
+    for ax, (phase, d) in zip(axes[0], phases.items()):
+        ep, m = d["epochs"], d["metrics"]
+        keep = ep > 0  # log axis
+        ep, m = ep[keep], m[keep]
+        bad = ~np.isfinite(m[..., :4]).all(-1)  # (E, K)
+        for j, (name, color) in enumerate([("train", "tab:blue"), ("test", "tab:red")]):
+            acc = np.where(bad, np.nan, m[..., 1 + 2 * j])  # (E, K)
+            mean = np.nanmean(acc, 1) if acc.size else acc
+            ax.plot(ep, mean, color=color, lw=1.4, label=name)
+            if m.shape[1] > 1:
+                ax.fill_between(ep, np.nanmin(acc, 1), np.nanmax(acc, 1), color=color, alpha=0.2, lw=0)
+            first = first_epoch(ep, mean, 0.95)
+            if first is not None:
+                ax.axvline(first, color=color, ls=":", lw=1)
+        gap = time_gap(ep, np.nanmean(m[..., 1], 1), np.nanmean(m[..., 3], 1))
+        label = f"Time Gap {gap}" if gap is not None else "Time Gap: 95% not reached"
+        if bad.any():
+            label += f"\nNaN/inf from epoch {ep[bad.any(1)][0]}"
+        ax.text(0.03, 0.97, label, transform=ax.transAxes, va="top", fontsize=8,
+                bbox=dict(facecolor="white", alpha=0.8, lw=0))
+        ax.set_xscale("log")
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_xlabel("epoch")
+        ax.set_title(PHASE_TITLES.get(phase, phase), fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("accuracy")
+    axes[0][0].legend(loc="center left", fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    out = Path(out) if out else run / "dynamics.png"
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    write_atomic(out, buf.getvalue())
+    return out
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "plot":
+        if not (Path(sys.argv[2]) / "metrics.csv").is_file():
+            fail(f"no metrics.csv in {sys.argv[2]}")
+        print(plot_dynamics(Path(sys.argv[2])))
+    else:
+        fail("usage: python common.py plot RUN_DIR")

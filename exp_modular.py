@@ -1,0 +1,257 @@
+"""GrokTransfer on modular arithmetic, FNN -> FNN (paper Fig 1b, 17a, 17b).
+
+Trains, in order, on one fixed data split:
+  1. weak:         a two-layer FNN with a 4-dim trainable embedding (width 16), 1e4 epochs;
+  2. groktransfer: the three-layer target (d_embed 128, width 512) with embedding A @ B,
+                   A = the weak embedding, B random, both trainable;
+  3. scratch:      the same target with a plain embedding.
+and writes runs/modular/<name>/: config.yaml, metrics.csv, summary.json, dynamics.png, embedding.pt,
+models.pt.
+
+Usage:
+  python exp_modular.py                          # a+b mod 113, the paper's Fig 17a setting
+  python exp_modular.py --op mul                 # ab mod 113, Fig 17b
+  python exp_modular.py --stop_at 0.99           # stop each target phase once it reaches 99% test acc
+  python exp_modular.py --weak_embedding runs/modular/NAME/embedding.pt --phases groktransfer,scratch
+  python exp_modular.py --config configs/smoke/modular.yaml --device cpu   # a tiny run (the tests')
+Every config key below is also a flag (--key value); `--config FILE.yaml` sets several at once.
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import common
+from common import ConfigError
+
+OPS = ("add", "sub", "mul", "div")
+PHASES = ("weak", "groktransfer", "scratch")
+
+# Appendix A.3.3, the grid-searched (init scale, lr, wd) of Fig 17a (add) and 17b (mul).
+# sub and div are not in the paper; they use the add values until someone searches them.
+PAPER = {
+    "add": dict(gt=(0.3, 1e-3, 1.0), scratch=(0.1, 0.1, 2.0)),
+    "mul": dict(gt=(0.3, 5e-3, 3.0), scratch=(0.1, 0.1, 2.0)),
+}
+
+
+@dataclass
+class Config:
+    # --- task (Section 2.1, appendix A.3.3)
+    op: str = "add"  # a∘b mod p: add, sub, mul, div (div needs p prime; b = 0 excluded)
+    p: int = 113  # modulus; "all modular tasks set p = 113"
+    train_frac: float = 0.25  # fraction of all p^2 pairs used for training ("25%")
+    data_seed: int = 0  # seed of the split alone: weak, GrokTransfer and scratch see the same data
+    # --- weak model (appendix A.3.1: two-layer FNN, (d_embed, width) = (4, 16))
+    weak_d_embed: int = 4  # d_W, the weak embedding dimension (rank of A)
+    weak_width: int = 16  # hidden width of the weak two-layer FNN
+    weak_epochs: int = 10_000  # "we train [the weak model] for 10^4 epochs" (Section 4.1)
+    # The paper does not give the weak model's (init, lr, wd). Chosen by a search (README, "weak model"):
+    # 36 settings, init {0.5, 1, 2} x lr {1e-3, 3e-3, 1e-2} x wd {0.1, 1, 3, 5}, 1e4 epochs, p = 113 add.
+    weak_init_scale: float = 1.0  # chosen by search; paper: not stated
+    weak_lr: float = 1e-2  # chosen by search; paper: not stated
+    weak_wd: float = 1.0  # chosen by search; paper: not stated
+    transfer_at: float | None = None  # take the weak embedding when test acc first reaches this (None: at the end)
+    weak_embedding: str = ""  # path to a saved embedding.pt: skip training the weak model, transfer this one
+    # --- target model (appendix A.3.1: three-layer FNN, (d_embed, width) = (128, 512))
+    d_embed: int = 128  # d_T, the target's embedding dimension
+    width: int = 512  # hidden width of both hidden layers
+    epochs: int = 10_000  # target epochs, both phases (Fig 17 x axes end at 1e4)
+    # (init scale, lr, wd) of each target phase; none = the paper's value for this op (PAPER above)
+    gt_init_scale: float | None = None  # init scale of B and the layers; A is the weak embedding as is
+    gt_lr: float | None = None
+    gt_wd: float | None = None
+    scratch_init_scale: float | None = None
+    scratch_lr: float | None = None
+    scratch_wd: float | None = None
+    # --- optimisation (AdamW, full batch, cross-entropy; betas/eps not stated: PyTorch defaults)
+    beta1: float = 0.9
+    beta2: float = 0.999
+    adam_eps: float = 1e-8
+    eval_every: int = 10  # evaluate every N epochs: also the resolution of Time Gap
+    stop_at: float | None = None  # target phases stop once test acc reaches this (paper: train all epochs)
+    # --- runtime
+    phases: str = "weak,groktransfer,scratch"  # which phases to run, comma-separated, in this order
+    seed: int = 0  # model init seed (the split uses data_seed)
+    device: str = "auto"  # auto = cuda if available, else cpu
+    deterministic: bool = False  # torch deterministic algorithms (matters on CUDA only)
+    name: str = ""  # run directory name under runs/modular/ (default: a timestamp)
+    out: str = ""  # explicit run directory (overrides name)
+    quiet: bool = False  # no progress bar or log lines
+
+
+def check(cfg: Config):
+    """Reject bad input before any work starts (ConfigError -> one line, exit 2)."""
+    if cfg.p < 2:
+        raise ConfigError(f"p must be >= 2, got {cfg.p}")
+    if cfg.op == "div" and any(cfg.p % q == 0 for q in range(2, int(cfg.p ** 0.5) + 1)):
+        raise ConfigError(f"op 'div' needs a prime p (every b != 0 invertible), got p = {cfg.p}")
+    if not 0 < cfg.train_frac < 1:
+        raise ConfigError(f"train_frac must be in (0, 1), got {cfg.train_frac}")
+    for key in ("weak_d_embed", "weak_width", "weak_epochs", "d_embed", "width", "epochs", "eval_every"):
+        if getattr(cfg, key) <= 0:
+            raise ConfigError(f"{key} must be positive, got {getattr(cfg, key)}")
+    for key in ("transfer_at", "stop_at"):
+        v = getattr(cfg, key)
+        if v is not None and not 0 < v <= 1:
+            raise ConfigError(f"{key} must be in (0, 1], got {v}")
+    phases = [s.strip() for s in cfg.phases.split(",") if s.strip()]
+    if not phases or any(s not in PHASES for s in phases):
+        raise ConfigError(f"phases must be a comma-separated subset of {', '.join(PHASES)}; got '{cfg.phases}'")
+    if "groktransfer" in phases and "weak" not in phases and not cfg.weak_embedding:
+        raise ConfigError("phase 'groktransfer' needs the 'weak' phase or --weak_embedding PATH")
+    for key in ("weak_lr", "gt_lr", "scratch_lr", "weak_init_scale", "gt_init_scale", "scratch_init_scale"):
+        v = getattr(cfg, key)
+        if v is not None and v <= 0:
+            raise ConfigError(f"{key} must be positive, got {v}")
+    n = cfg.p * (cfg.p - 1 if cfg.op == "div" else cfg.p)
+    if round(cfg.train_frac * n) in (0, n):
+        raise ConfigError(f"train_frac {cfg.train_frac} leaves an empty train or test set for {n} pairs")
+    common.pick_device(cfg.device)
+
+
+def resolve(cfg: Config) -> Config:
+    """Fill the (init, lr, wd) left as none with the paper's values for cfg.op."""
+    paper = PAPER.get(cfg.op, PAPER["add"])
+    fill = {}
+    for phase in ("gt", "scratch"):
+        for key, value in zip(("init_scale", "lr", "wd"), paper[phase]):
+            if getattr(cfg, f"{phase}_{key}") is None:
+                fill[f"{phase}_{key}"] = value
+    return dataclasses.replace(cfg, **fill)
+
+
+def load_weak_embedding(path: str, p: int) -> torch.Tensor:
+    """A saved weak embedding: embedding.pt (a dict with 'embedding') or a bare (p, d) tensor."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ConfigError(f"weak_embedding file not found: {path}") from None
+    except Exception as e:  # not a torch file, or unpickling refused
+        raise ConfigError(f"weak_embedding {path} is not a saved tensor ({type(e).__name__})") from None
+    emb = obj.get("embedding") if isinstance(obj, dict) else obj
+    if not isinstance(emb, torch.Tensor) or emb.dim() != 2 or not emb.is_floating_point():
+        raise ConfigError(f"weak_embedding {path} must hold a float tensor of shape (p, d)")
+    if emb.shape[0] != p:
+        raise ConfigError(f"weak_embedding {path} has vocabulary size {emb.shape[0]} but p = {p}")
+    if not torch.isfinite(emb).all():
+        raise ConfigError(f"weak_embedding {path} contains NaN/inf")
+    return emb.float()
+
+
+# =============================================================================
+# EXPERIMENT LOGIC: data, weak model, transfer, target. Edit here to try an idea.
+
+
+def make_data(op: str, p: int, train_frac: float, seed: int, device) -> dict:
+    """All pairs (a, b) with label a∘b mod p, split by a generator of its own (seed)."""
+    a, b = torch.cartesian_prod(torch.arange(p), torch.arange(p)).T  # (p^2,), (p^2,)
+    if op == "div":
+        keep = b != 0
+        a, b = a[keep], b[keep]
+        inv = torch.tensor([pow(int(v), -1, p) for v in range(1, p)])  # b^-1 mod p for b = 1..p-1
+        y = a * inv[b - 1] % p
+    else:
+        y = {"add": a + b, "sub": a - b, "mul": a * b}[op] % p
+    x = torch.stack([a, b], 1)  # (N, 2) tokens
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    n_train = round(train_frac * len(y))
+    tr, te = perm[:n_train], perm[n_train:]
+    return {k: v.to(device) for k, v in
+            dict(x_train=x[tr], y_train=y[tr], x_test=x[te], y_test=y[te]).items()}
+
+
+def weak_model(cfg, seeds, device):
+    """Two-layer FNN: W2 relu(W1 [E a; E b]), E (p x d_W)."""
+    return common.token_mlp(cfg.p, 2, cfg.weak_d_embed, [cfg.weak_width], cfg.p,
+                            cfg.weak_init_scale, seeds).to(device)
+
+
+def target_model(cfg, seeds, init_scale, device, weak=None):
+    """Three-layer FNN: W3 relu(W2 relu(W1 [E a; E b])); E = A @ B when `weak` (A) is given."""
+    return common.token_mlp(cfg.p, 2, cfg.d_embed, [cfg.width, cfg.width], cfg.p,
+                            init_scale, seeds, weak=weak).to(device)
+
+
+# =============================================================================
+
+
+def main(argv=None):
+    cfg = resolve(common.config_or_exit(Config(), argv, {"op": OPS}, check))
+    try:
+        weak_loaded = load_weak_embedding(cfg.weak_embedding, cfg.p) if cfg.weak_embedding else None
+        run = common.run_dir("modular", cfg.name, cfg.out)
+    except ConfigError as e:
+        common.fail(str(e))
+    device = common.pick_device(cfg.device)
+    common.set_seed(cfg.seed, cfg.deterministic)
+    common.save_config(cfg, run / "config.yaml")
+    phases = [s.strip() for s in cfg.phases.split(",") if s.strip()]
+    print(f"run directory {run}  device {device}  {cfg.op} mod {cfg.p}  phases {', '.join(phases)}")
+
+    data = make_data(cfg.op, cfg.p, cfg.train_frac, cfg.data_seed, device)
+    seeds = [cfg.seed]
+    opt = dict(betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, eval_every=cfg.eval_every, quiet=cfg.quiet)
+    summary = dict(device=str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+                   op=cfg.op, p=cfg.p, n_train=len(data["y_train"]), n_test=len(data["y_test"]), phases={})
+    rows, models = [], {}
+
+    def finish(phase, model, hist, extra=None):
+        rows.extend(common.history_rows(phase, hist))
+        common.write_metrics(run / "metrics.csv", rows)
+        summary["phases"][phase] = {**common.summarize(hist), **(extra or {})}
+        models[phase] = {k: v.cpu() for k, v in model.state_dict().items()}
+        common.save_json(summary, run / "summary.json")
+        s = summary["phases"][phase]
+        print(f"[{phase}] done: epochs {s['epochs']}  final train {s['final_train_acc']}  test {s['final_test_acc']}"
+              f"  Time Gap {s['time_gap']}  {s['wall_s']:.1f}s")
+        if hist["diverged"]:
+            common.plot_dynamics(run, title=f"{cfg.op} mod {cfg.p}")
+            common.fail(f"phase '{phase}' diverged (NaN/inf loss) at epoch {hist['failed_epoch'].min()}; "
+                        f"metrics so far are in {run}", status=1)
+
+    # 1. weak model: train, then take its embedding (at the end, or when test acc first reaches transfer_at)
+    weak = weak_loaded
+    if "weak" in phases:
+        model = weak_model(cfg, seeds, device)
+        hist = common.train(model, data, epochs=cfg.weak_epochs, lr=cfg.weak_lr, wd=cfg.weak_wd,
+                            stop_at=cfg.transfer_at, desc="weak", **opt)
+        weak = model.embed.weight.detach()[0].cpu()  # (p, d_W)
+        s = common.summarize(hist)
+        reached = cfg.transfer_at is None or s["stopped_at"] is not None
+        transfer = dict(transfer_epoch=s["stopped_at"] if cfg.transfer_at else s["epochs"],
+                        transfer_test_acc=float(hist["metrics"][-1, 0, 3]), transfer_target_reached=reached)
+        if not reached:
+            print(f"[weak] warning: test accuracy never reached transfer_at = {cfg.transfer_at}; "
+                  f"transferring the final embedding", file=sys.stderr)
+        common.save_atomic(dict(embedding=weak, op=cfg.op, p=cfg.p, **transfer), run / "embedding.pt")
+        finish("weak", model, hist, transfer)
+    elif weak is not None:
+        summary["weak_embedding"] = cfg.weak_embedding
+
+    # 2. target via GrokTransfer: E = A @ B, A = weak embedding, B random; both trainable
+    if "groktransfer" in phases:
+        model = target_model(cfg, seeds, cfg.gt_init_scale, device, weak=weak)
+        hist = common.train(model, data, epochs=cfg.epochs, lr=cfg.gt_lr, wd=cfg.gt_wd,
+                            stop_at=cfg.stop_at, desc="groktransfer", **opt)
+        finish("groktransfer", model, hist)
+
+    # 3. the same target from scratch (plain embedding)
+    if "scratch" in phases:
+        model = target_model(cfg, seeds, cfg.scratch_init_scale, device)
+        hist = common.train(model, data, epochs=cfg.epochs, lr=cfg.scratch_lr, wd=cfg.scratch_wd,
+                            stop_at=cfg.stop_at, desc="scratch", **opt)
+        finish("scratch", model, hist)
+
+    common.save_atomic(models, run / "models.pt")
+    png = common.plot_dynamics(run, title=f"a {'+-*/'[OPS.index(cfg.op)]} b mod {cfg.p}")
+    print(f"wrote {run / 'summary.json'} and {png}")
+    return run
+
+
+if __name__ == "__main__":
+    main()
