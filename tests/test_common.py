@@ -1,0 +1,303 @@
+"""Unit tests for common.py: each compares against a value computed another way."""
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+
+import common
+from common import ConfigError
+
+
+# ----------------------------------------------------------------------------- config
+
+
+@dataclass
+class Cfg:
+    op: str = "add"
+    p: int = 113
+    lr: float = 1e-3
+    stop_at: float | None = None
+    deterministic: bool = False
+    name: str = ""
+
+
+CHOICES = {"op": ("add", "mul")}
+
+
+def test_config_precedence_defaults_file_flags(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("p: 31\nlr: 1e-2   # YAML 1.1 reads this as a string; it must still be a float\nop: mul\n")
+    cfg = common.parse_config(Cfg(), ["--config", str(f), "--lr", "5e-3"], CHOICES)
+    assert cfg.p == 31 and cfg.op == "mul"  # from the file
+    assert cfg.lr == 5e-3 and isinstance(cfg.lr, float)  # the flag beats the file
+    assert common.parse_config(Cfg(), [], CHOICES) == Cfg()  # defaults untouched
+    # flag before --config still wins: precedence does not depend on order
+    cfg = common.parse_config(Cfg(), ["--lr=0.5", "--config", str(f)], CHOICES)
+    assert cfg.lr == 0.5
+
+
+def test_config_type_conversions():
+    cfg = common.parse_config(Cfg(), ["--p", "1e2", "--stop_at", "0.9", "--deterministic"], CHOICES)
+    assert cfg.p == 100 and isinstance(cfg.p, int)
+    assert cfg.stop_at == 0.9 and cfg.deterministic is True
+    cfg = common.parse_config(Cfg(stop_at=0.5), ["--stop_at", "none", "--deterministic", "false"], CHOICES)
+    assert cfg.stop_at is None and cfg.deterministic is False
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--nope", "1"], ["unknown config key 'nope'", "valid keys", "lr"]),
+    (["--p", "1.5"], ["'p'", "int"]),
+    (["--p", "abc"], ["'p'", "int"]),
+    (["--lr", "fast"], ["'lr'", "float"]),
+    (["--op", "pow"], ["'op'", "add, mul"]),
+    (["--deterministic", "maybe"], ["'deterministic'", "bool"]),
+    (["--lr"], ["'lr' needs a value"]),
+    (["stray"], ["unexpected argument 'stray'"]),
+    (["--config", "/no/such/file.yaml"], ["config file not found"]),
+])
+def test_config_errors_name_the_problem(argv, words):
+    with pytest.raises(ConfigError) as e:
+        common.parse_config(Cfg(), argv, CHOICES)
+    msg = str(e.value)
+    assert "\n" not in msg
+    for w in words:
+        assert w in msg
+
+
+def test_config_file_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("p: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        common.parse_config(Cfg(), ["--config", str(bad)], CHOICES)
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("width: 3\n")
+    with pytest.raises(ConfigError, match="unknown config key 'width'"):
+        common.parse_config(Cfg(), ["--config", str(unknown)], CHOICES)
+    wrong = tmp_path / "wrong.yaml"
+    wrong.write_text("p: true\n")
+    with pytest.raises(ConfigError, match="'p' expects int"):
+        common.parse_config(Cfg(), ["--config", str(wrong)], CHOICES)
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def test_default_init_matches_pytorch_bounds():
+    gen = torch.Generator().manual_seed(0)
+    w = common.linear_init(gen, 64, (64, 4000), 0.3)
+    bound = 0.3 / math.sqrt(64)
+    assert w.abs().max() <= bound and w.abs().max() > 0.95 * bound  # uniform up to the bound
+    ref = torch.nn.Linear(64, 4000, bias=False).weight
+    assert abs(w.std() / 0.3 - ref.std()) < 0.02 * ref.std()  # same spread as nn.Linear's default
+    e = common.embedding_init(gen, (200, 200), 2.0)
+    assert abs(e.std() - 2.0) < 0.05  # nn.Embedding's N(0, 1), times the scale
+
+
+def test_factored_embedding_equals_dense_product_and_trains_both_factors():
+    torch.manual_seed(0)
+    weak = torch.randn(7, 3)
+    emb = common.factored_embedding(weak, vocab=7, d_target=5, init_scales=[1.0, 0.5], seeds=[1, 2])
+    table = emb.table()  # (2, 7, 5)
+    for k in range(2):
+        dense = torch.tensor([[sum(float(emb.A[k, i, r].detach()) * float(emb.B[k, r, j].detach()) for r in range(3))
+                               for j in range(5)] for i in range(7)])
+        torch.testing.assert_close(table[k], dense, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(emb.A[k], weak)  # A starts as the weak embedding, unscaled
+    x = torch.randn(4, 7)
+    torch.testing.assert_close(emb.project(x), x @ table, rtol=1e-5, atol=1e-5)
+    (table ** 2).sum().backward()
+    assert emb.A.grad.abs().sum() > 0 and emb.B.grad.abs().sum() > 0
+    assert emb.B[0].abs().max() <= 1 / math.sqrt(3) and emb.B[1].abs().max() <= 0.5 / math.sqrt(3)
+
+
+def test_factored_embedding_shape_errors():
+    with pytest.raises(ConfigError, match="vocabulary size 7 but the task needs 9"):
+        common.factored_embedding(torch.randn(7, 3), vocab=9, d_target=5, init_scales=1.0, seeds=[0])
+    with pytest.raises(ConfigError, match="weak embedding must be"):
+        common.factored_embedding(torch.randn(3, 7, 3), vocab=7, d_target=5, init_scales=1.0, seeds=[0])
+    with pytest.raises(ValueError, match="FactoredEmbedding needs"):
+        common.FactoredEmbedding(torch.randn(1, 7, 3), torch.randn(1, 4, 5))
+
+
+def test_token_mlp_matches_a_plain_torch_forward():
+    model = common.token_mlp(vocab=11, n_tokens=2, d_embed=3, widths=[8, 6], n_out=11, init_scales=[1.0, 0.2], seeds=[3, 4])
+    x = torch.randint(0, 11, (20, 2))
+    out = model(x)  # (2, 20, 11)
+    for k in range(2):
+        E = model.embed.weight[k]
+        h = torch.cat([E[x[:, 0]], E[x[:, 1]]], 1)
+        h = torch.relu(h @ model.layers[0][k])
+        h = torch.relu(h @ model.layers[1][k])
+        torch.testing.assert_close(out[k], h @ model.layers[2][k])
+
+
+def test_member_init_depends_only_on_its_seed_and_scale():
+    a = common.token_mlp(11, 2, 3, [8], 11, [1.0, 0.5, 2.0], [0, 1, 2])
+    b = common.token_mlp(11, 2, 3, [8], 11, [0.5], [1])
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa[1], pb[0])
+
+
+# ----------------------------------------------------------------------------- optimiser and training
+
+
+def test_adamw_matches_torch_adamw():
+    torch.manual_seed(0)
+    w0 = torch.randn(2, 5, 4)
+    ours = torch.nn.Parameter(w0.clone())
+    refs = [torch.nn.Parameter(w0[k].clone()) for k in range(2)]
+    opt = common.AdamW([ours], lr=[1e-2, 3e-3], wd=[1.0, 0.1], betas=(0.9, 0.98), eps=1e-8)
+    ref_opts = [torch.optim.AdamW([refs[0]], lr=1e-2, weight_decay=1.0, betas=(0.9, 0.98), eps=1e-8, foreach=False),
+                torch.optim.AdamW([refs[1]], lr=3e-3, weight_decay=0.1, betas=(0.9, 0.98), eps=1e-8, foreach=False)]
+    for step in range(20):
+        target = torch.randn(5, 4)
+        ours.grad = None
+        ((ours - target) ** 3).sum().backward()
+        opt.step()
+        for r, o in zip(refs, ref_opts):
+            o.zero_grad()
+            ((r - target) ** 3).sum().backward()
+            o.step()
+    for k in range(2):
+        torch.testing.assert_close(ours[k], refs[k], rtol=1e-5, atol=1e-6)
+
+
+def _data(p=13, seed=0):
+    a, b = torch.cartesian_prod(torch.arange(p), torch.arange(p)).T
+    x, y = torch.stack([a, b], 1), (a + b) % p
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    tr, te = perm[:100], perm[100:]
+    return dict(x_train=x[tr], y_train=y[tr], x_test=x[te], y_test=y[te])
+
+
+def test_k_members_train_like_each_alone():
+    data = _data()
+    scales, lrs, wds, seeds = [1.0, 0.5, 2.0], [1e-2, 3e-3, 5e-2], [1.0, 0.0, 0.1], [0, 1, 2]
+    together = common.token_mlp(13, 2, 4, [16], 13, scales, seeds)
+    h = common.train(together, data, epochs=60, lr=lrs, wd=wds, eval_every=10, quiet=True)
+    assert h["metrics"].shape == (len(h["epochs"]), 3, 5)
+    for k in range(3):
+        alone = common.token_mlp(13, 2, 4, [16], 13, [scales[k]], [seeds[k]])
+        ha = common.train(alone, data, epochs=60, lr=lrs[k], wd=wds[k], eval_every=10, quiet=True)
+        np.testing.assert_allclose(h["metrics"][:, k], ha["metrics"][:, 0], rtol=1e-4, atol=1e-5)
+        for pt, pa in zip(together.parameters(), alone.parameters()):
+            torch.testing.assert_close(pt[k], pa[0], rtol=1e-4, atol=1e-5)
+    # members do learn (otherwise the comparison above would be trivial)
+    assert (h["metrics"][-1, :, 0] < h["metrics"][0, :, 0]).all()
+
+
+def test_stop_at_freezes_a_member_and_ends_when_all_stopped():
+    data = _data()
+    data = dict(data, x_test=data["x_train"], y_test=data["y_train"])  # test = train: a reachable target
+    model = common.token_mlp(13, 2, 4, [32], 13, [1.0, 1.0], [0, 1])
+    h = common.train(model, data, epochs=300, lr=[3e-2, 0.0], wd=0.0, eval_every=5, stop_at=0.9, quiet=True)
+    stop = h["stop_epoch"][0]
+    assert stop > 0 and h["stop_epoch"][1] == -1  # member 1 (lr 0) never gets there
+    assert h["epochs_run"] == 300  # member 1 keeps the phase going
+    after = h["metrics"][h["epochs"] >= stop, 0]
+    assert (after == after[0]).all()  # member 0 frozen from its stop epoch on
+    assert common.summarize(h, 0)["stopped_at"] == stop
+    # when every member has stopped, the phase ends there
+    model = common.token_mlp(13, 2, 4, [32], 13, [1.0, 1.0], [0, 1])
+    h = common.train(model, data, epochs=300, lr=3e-2, wd=0.0, eval_every=5, stop_at=0.9, quiet=True)
+    assert (h["stop_epoch"] > 0).all() and h["epochs_run"] == h["stop_epoch"].max() < 300
+
+
+def test_a_stopped_member_stays_frozen_while_others_train():
+    data = _data()
+    model = common.token_mlp(13, 2, 4, [32], 13, [1.0, 1.0], [0, 1])
+    # member 0 gets lr 5e-2 and reaches train acc quickly; stop on *test* acc is hard to predict, so
+    # freeze through the optimiser's active mask directly and check the masked update path
+    opt = common.AdamW(model.parameters(), lr=[5e-2, 5e-2], wd=[0.0, 0.0])
+    opt.active[:] = torch.tensor([False, True])
+    opt.all_active = False
+    before = [p.detach().clone() for p in model.parameters()]
+    for _ in range(3):
+        model.zero_grad()
+        common.cross_entropy(model(data["x_train"]), data["y_train"]).sum().backward()
+        opt.step()
+    for b, p in zip(before, model.parameters()):
+        torch.testing.assert_close(b[0], p[0])
+        assert not torch.equal(b[1], p[1])
+
+
+def test_a_nan_member_is_marked_failed_and_does_not_touch_the_others():
+    data = _data()
+    model = common.token_mlp(13, 2, 4, [16], 13, [1.0, 1.0], [0, 1])
+    with torch.no_grad():
+        model.layers[0][0, 0, 0] = float("nan")
+    h = common.train(model, data, epochs=30, lr=1e-2, wd=0.1, eval_every=10, quiet=True)
+    assert h["failed_epoch"].tolist() == [0, -1] and not h["diverged"]
+    alone = common.token_mlp(13, 2, 4, [16], 13, [1.0], [1])
+    ha = common.train(alone, data, epochs=30, lr=1e-2, wd=0.1, eval_every=10, quiet=True)
+    np.testing.assert_allclose(h["metrics"][:, 1], ha["metrics"][:, 0], rtol=1e-4, atol=1e-5)
+    s = common.summarize(h, 0)
+    assert s["diverged_at"] == 0 and s["final_train_acc"] is None
+
+
+def test_all_members_nan_stops_the_phase():
+    data = _data()
+    model = common.token_mlp(13, 2, 4, [16], 13, [1.0], [0])
+    with torch.no_grad():
+        model.embed.weight[0, 0, 0] = float("inf")
+    h = common.train(model, data, epochs=100, lr=1e-2, wd=0.1, eval_every=10, quiet=True)
+    assert h["diverged"] and h["epochs_run"] == 0
+
+
+def test_evaluation_schedule():
+    data = _data()
+    model = common.token_mlp(13, 2, 4, [8], 13, [1.0], [0])
+    h = common.train(model, data, epochs=45, lr=1e-3, wd=0.0, eval_every=10, quiet=True)
+    assert h["epochs"].tolist() == [0, 1, 2, 4, 8, 10, 20, 30, 40, 45]
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def test_first_epoch_and_time_gap():
+    ep = np.array([0, 10, 20, 30, 40, 50])
+    train = np.array([0.0, 0.5, 0.96, 1.0, 1.0, 1.0])
+    test = np.array([0.0, 0.0, 0.1, 0.2, 0.95, 1.0])
+    assert common.first_epoch(ep, train, 0.95) == 20
+    assert common.first_epoch(ep, test, 0.95) == 40  # >= counts
+    assert common.time_gap(ep, train, test) == 20
+    assert common.inverse_time_gap(20) == 1 / 20
+
+
+def test_time_gap_edge_cases():
+    ep = np.array([0, 10, 20])
+    assert common.time_gap(ep, [0, 1, 1], [0, 0.5, 0.9]) is None  # test never reaches 95%
+    assert common.time_gap(ep, [0, 0.9, 0.94], [0, 0.96, 1]) is None  # train never reaches 95%
+    assert common.inverse_time_gap(None) == 0.0  # the paper's convention
+    assert common.time_gap(ep, [0, 1, 1], [0, 1, 1]) == 0  # together, at the evaluation resolution
+    assert common.inverse_time_gap(0) == 1.0
+    assert common.time_gap(ep, [0, 0.5, 1], [0, 1, 1]) == -10  # test first: the gap is negative
+    assert common.first_epoch(ep, [np.nan, np.nan, np.nan], 0.5) is None
+
+
+def test_summary_and_metrics_round_trip(tmp_path):
+    data = _data()
+    model = common.token_mlp(13, 2, 4, [16], 13, [1.0, 0.5], [0, 1])
+    h = common.train(model, data, epochs=20, lr=1e-2, wd=0.1, eval_every=5, quiet=True)
+    rows = common.history_rows("weak", h)
+    common.write_metrics(tmp_path / "metrics.csv", rows)
+    back = common.read_metrics(tmp_path / "metrics.csv")["weak"]
+    np.testing.assert_array_equal(back["epochs"], h["epochs"])
+    np.testing.assert_allclose(back["metrics"], h["metrics"], rtol=1e-6)
+    s = common.summarize(h)
+    assert len(s["members"]) == 2 and s["members"][1]["epochs"] == 20
+    torch.testing.assert_close(torch.tensor(h["metrics"][-1, :, 4]), common.weight_norm(model), rtol=1e-5, atol=1e-6)
+    png = common.plot_dynamics(tmp_path)
+    assert png.stat().st_size > 10_000
+
+
+def test_write_atomic_keeps_the_old_file_on_failure(tmp_path):
+    path = tmp_path / "summary.json"
+    common.write_atomic(path, "old")
+
+    with pytest.raises(TypeError):
+        common.write_atomic(path, object())  # fails in the middle of the write
+    assert path.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]  # no temporary left behind

@@ -1,0 +1,167 @@
+"""exp_modular.py: data, input checks, and a smoke run as a user would run it."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+import common
+import exp_modular as em
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "configs" / "smoke" / "modular.yaml"
+
+
+@pytest.mark.parametrize("op", em.OPS)
+def test_labels_are_right(op):
+    p = 7
+    d = em.make_data(op, p, 0.5, 0, "cpu")
+    x = torch.cat([d["x_train"], d["x_test"]])
+    y = torch.cat([d["y_train"], d["y_test"]])
+    for (a, b), label in zip(x.tolist(), y.tolist()):
+        if op == "add":
+            assert label == (a + b) % p
+        elif op == "sub":
+            assert label == (a - b) % p
+        elif op == "mul":
+            assert label == (a * b) % p
+        else:
+            assert b != 0 and (label * b) % p == a  # label = a / b mod p
+    pairs = {tuple(v) for v in x.tolist()}
+    assert len(pairs) == len(x) == (p * (p - 1) if op == "div" else p * p)  # every pair once
+
+
+def test_split_sizes_and_determinism():
+    d = em.make_data("add", 113, 0.25, 0, "cpu")
+    assert len(d["y_train"]) == round(0.25 * 113 ** 2) == 3192 and len(d["y_test"]) == 113 ** 2 - 3192
+    train = {tuple(v) for v in d["x_train"].tolist()}
+    assert not train & {tuple(v) for v in d["x_test"].tolist()}
+    again = em.make_data("add", 113, 0.25, 0, "cpu")
+    assert torch.equal(d["x_train"], again["x_train"])
+    other = em.make_data("add", 113, 0.25, 1, "cpu")
+    assert not torch.equal(d["x_train"], other["x_train"])
+    # the model seed does not move the split: the split has its own generator
+    torch.manual_seed(123)
+    assert torch.equal(em.make_data("add", 113, 0.25, 0, "cpu")["x_train"], d["x_train"])
+
+
+@pytest.mark.parametrize("flags, words", [
+    ({"p": 1}, "p must be >= 2"),
+    ({"train_frac": 0.0}, "train_frac must be in (0, 1)"),
+    ({"train_frac": 1.0}, "train_frac must be in (0, 1)"),
+    ({"train_frac": 0.0001, "p": 7}, "empty train or test set"),
+    ({"op": "div", "p": 12}, "needs a prime p"),
+    ({"epochs": 0}, "epochs must be positive"),
+    ({"width": -3}, "width must be positive"),
+    ({"phases": "weak,finetune"}, "phases must be"),
+    ({"phases": "groktransfer"}, "needs the 'weak' phase"),
+    ({"transfer_at": 1.5}, "transfer_at must be in (0, 1]"),
+    ({"gt_lr": -1.0}, "gt_lr must be positive"),
+])
+def test_check_rejects_bad_values(flags, words):
+    with pytest.raises(common.ConfigError) as e:
+        em.check(em.Config(**flags))
+    assert words in str(e.value)
+
+
+def test_resolve_fills_paper_values_per_op():
+    add, mul = em.resolve(em.Config(op="add")), em.resolve(em.Config(op="mul"))
+    assert (add.gt_init_scale, add.gt_lr, add.gt_wd) == (0.3, 1e-3, 1.0)
+    assert (mul.gt_init_scale, mul.gt_lr, mul.gt_wd) == (0.3, 5e-3, 3.0)
+    assert (add.scratch_init_scale, add.scratch_lr, add.scratch_wd) == (0.1, 0.1, 2.0)
+    assert em.resolve(em.Config(op="mul", gt_lr=0.02)).gt_lr == 0.02  # an explicit value is kept
+
+
+def test_load_weak_embedding_checks_the_file(tmp_path):
+    good = tmp_path / "good.pt"
+    torch.save({"embedding": torch.randn(11, 4)}, good)
+    assert em.load_weak_embedding(str(good), 11).shape == (11, 4)
+    torch.save(torch.randn(10, 4), tmp_path / "shape.pt")
+    with pytest.raises(common.ConfigError, match="vocabulary size 10 but p = 11"):
+        em.load_weak_embedding(str(tmp_path / "shape.pt"), 11)
+    torch.save({"embedding": [1, 2, 3]}, tmp_path / "list.pt")
+    with pytest.raises(common.ConfigError, match="must hold a float tensor"):
+        em.load_weak_embedding(str(tmp_path / "list.pt"), 11)
+    (tmp_path / "text.pt").write_text("not a tensor")
+    with pytest.raises(common.ConfigError, match="is not a saved tensor"):
+        em.load_weak_embedding(str(tmp_path / "text.pt"), 11)
+    with pytest.raises(common.ConfigError, match="not found"):
+        em.load_weak_embedding(str(tmp_path / "missing.pt"), 11)
+
+
+def run_script(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, str(ROOT / "exp_modular.py"), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_smoke_run_writes_a_complete_run_directory(tmp_path):
+    out = tmp_path / "run"
+    r = run_script("--config", str(SMOKE), "--device", "cpu", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    for name in ("config.yaml", "metrics.csv", "summary.json", "dynamics.png", "embedding.pt", "models.pt"):
+        assert (out / name).is_file(), name
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    smoke = yaml.safe_load(SMOKE.read_text())
+    assert cfg["p"] == smoke["p"] and cfg["gt_lr"] == smoke["gt_lr"]
+    assert cfg["gt_init_scale"] == 0.3  # left unset in the smoke config: the paper's value, resolved and saved
+
+    s = json.loads((out / "summary.json").read_text())
+    assert s["device"] == "cpu" and s["n_train"] + s["n_test"] == smoke["p"] ** 2
+    fields = {"first_epoch_train_95", "first_epoch_test_95", "time_gap", "final_train_acc", "final_test_acc",
+              "epochs", "wall_s"}
+    assert set(s["phases"]) == {"weak", "groktransfer", "scratch"}
+    for phase, ps in s["phases"].items():
+        assert fields <= set(ps), phase
+        assert 0 <= ps["final_test_acc"] <= 1 and ps["epochs"] == (smoke["weak_epochs"] if phase == "weak" else smoke["epochs"])
+    # sensible: the targets fit their training set, and the Time Gap is consistent with its epochs
+    for phase in ("groktransfer", "scratch"):
+        ps = s["phases"][phase]
+        assert ps["final_train_acc"] == 1.0
+        if ps["time_gap"] is not None:
+            assert ps["time_gap"] == ps["first_epoch_test_95"] - ps["first_epoch_train_95"]
+
+    metrics = common.read_metrics(out / "metrics.csv")
+    for phase, d in metrics.items():
+        assert np.isfinite(d["metrics"]).all()
+        assert d["epochs"][0] == 0 and d["epochs"][-1] == s["phases"][phase]["epochs"]
+        assert abs(d["metrics"][-1, 0, 3] - s["phases"][phase]["final_test_acc"]) < 1e-6
+    emb = torch.load(out / "embedding.pt", weights_only=True)
+    assert emb["embedding"].shape == (smoke["p"], 4)
+
+    # the saved embedding is reused without training the weak model again, and gives the same GT phase
+    out2 = tmp_path / "reuse"
+    r = run_script("--config", str(SMOKE), "--device", "cpu", "--out", str(out2),
+                   "--weak_embedding", str(out / "embedding.pt"), "--phases", "groktransfer")
+    assert r.returncode == 0, r.stderr
+    s2 = json.loads((out2 / "summary.json").read_text())
+    assert list(s2["phases"]) == ["groktransfer"]
+    assert s2["phases"]["groktransfer"]["final_test_acc"] == pytest.approx(s["phases"]["groktransfer"]["final_test_acc"], abs=1e-6)
+
+
+def test_transfer_at_stops_the_weak_model(tmp_path):
+    out = tmp_path / "run"
+    r = run_script("--config", str(SMOKE), "--device", "cpu", "--out", str(out), "--phases", "weak",
+                   "--transfer_at", "0.3", "--weak_epochs", "3000")
+    assert r.returncode == 0, r.stderr
+    weak = json.loads((out / "summary.json").read_text())["phases"]["weak"]
+    assert weak["transfer_target_reached"] and weak["transfer_epoch"] < 3000
+    assert weak["transfer_test_acc"] >= 0.3 and weak["epochs"] == weak["transfer_epoch"]
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--op", "pow"], "'op' must be one of add, sub, mul, div"),
+    (["--widht", "3"], "unknown config key 'widht'"),
+    (["--epochs", "ten"], "'epochs' expects int"),
+    (["--train_frac", "1"], "train_frac must be in (0, 1)"),
+])
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, args, words):
+    out = tmp_path / "run"
+    r = run_script("--config", str(SMOKE), "--out", str(out), *args, cwd=tmp_path)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and words in lines[0]
+    assert not out.exists() and not (tmp_path / "runs").exists()
