@@ -29,6 +29,7 @@ import tempfile
 import time
 import types
 import typing
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -627,6 +628,19 @@ def read_metrics(path: Path) -> dict[str, dict]:
 PHASE_TITLES = {"weak": "weak model", "groktransfer": "target via GrokTransfer", "scratch": "target from scratch"}
 
 
+def panel_note(epochs, metrics) -> str:
+    """The text in a dynamics panel: the Time Gap of the member mean, and where values are NaN/inf."""
+    bad = ~np.isfinite(metrics[..., :4]).all(-1)  # (E, K)
+    with warnings.catch_warnings():  # all-NaN rows: "mean of empty slice"
+        warnings.simplefilter("ignore", RuntimeWarning)
+        gap = time_gap(epochs, np.nanmean(np.where(bad, np.nan, metrics[..., 1]), 1),
+                       np.nanmean(np.where(bad, np.nan, metrics[..., 3]), 1))
+    note = f"Time Gap {gap}" if gap is not None else "Time Gap: 95% not reached"
+    if bad.any():
+        note += f"\nNaN/inf from epoch {epochs[bad.any(1)][0]} ({bad.any(0).sum()} of {bad.shape[1]} members)"
+    return note
+
+
 def plot_dynamics(run: Path, out: Path | None = None, title: str = "") -> Path:
     """Train/test accuracy against epoch (log x), one panel per phase, as in the paper's Fig 1b / 17.
 
@@ -641,6 +655,7 @@ def plot_dynamics(run: Path, out: Path | None = None, title: str = "") -> Path:
     run = Path(run)
     phases = read_metrics(run / "metrics.csv")
     fig, axes = plt.subplots(1, len(phases), figsize=(4.2 * len(phases), 3.4), squeeze=False)
+    last = max(int(d["epochs"].max()) for d in phases.values())  # one x range: phases compare by eye
     for ax, (phase, d) in zip(axes[0], phases.items()):
         ep, m = d["epochs"], d["metrics"]
         keep = ep > 0  # log axis
@@ -648,20 +663,19 @@ def plot_dynamics(run: Path, out: Path | None = None, title: str = "") -> Path:
         bad = ~np.isfinite(m[..., :4]).all(-1)  # (E, K)
         for j, (name, color) in enumerate([("train", "tab:blue"), ("test", "tab:red")]):
             acc = np.where(bad, np.nan, m[..., 1 + 2 * j])  # (E, K)
-            mean = np.nanmean(acc, 1) if acc.size else acc
+            with warnings.catch_warnings():  # rows where every member is NaN stay NaN (a gap in the line)
+                warnings.simplefilter("ignore", RuntimeWarning)
+                mean, lo, hi = np.nanmean(acc, 1), np.nanmin(acc, 1), np.nanmax(acc, 1)
             ax.plot(ep, mean, color=color, lw=1.4, label=name)
             if m.shape[1] > 1:
-                ax.fill_between(ep, np.nanmin(acc, 1), np.nanmax(acc, 1), color=color, alpha=0.2, lw=0)
+                ax.fill_between(ep, lo, hi, color=color, alpha=0.2, lw=0)
             first = first_epoch(ep, mean, 0.95)
             if first is not None:
                 ax.axvline(first, color=color, ls=":", lw=1)
-        gap = time_gap(ep, np.nanmean(m[..., 1], 1), np.nanmean(m[..., 3], 1))
-        label = f"Time Gap {gap}" if gap is not None else "Time Gap: 95% not reached"
-        if bad.any():
-            label += f"\nNaN/inf from epoch {ep[bad.any(1)][0]}"
-        ax.text(0.03, 0.97, label, transform=ax.transAxes, va="top", fontsize=8,
+        ax.text(0.03, 0.97, panel_note(ep, m), transform=ax.transAxes, va="top", fontsize=8,
                 bbox=dict(facecolor="white", alpha=0.8, lw=0))
         ax.set_xscale("log")
+        ax.set_xlim(1, max(last, 2) * 1.1)
         ax.set_ylim(-0.02, 1.02)
         ax.set_xlabel("epoch")
         ax.set_title(PHASE_TITLES.get(phase, phase), fontsize=10)

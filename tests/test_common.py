@@ -237,6 +237,18 @@ def test_a_nan_member_is_marked_failed_and_does_not_touch_the_others():
     assert s["diverged_at"] == 0 and s["final_train_acc"] is None
 
 
+def test_plot_reports_nan_instead_of_drawing_it(tmp_path):
+    data = _data()
+    model = common.token_mlp(13, 2, 4, [16], 13, [1.0], [0])
+    h = common.train(model, data, epochs=20, lr=1e-2, wd=0.1, eval_every=5, quiet=True)
+    h["metrics"][3:, 0, :] = np.nan  # as if the loss blew up at the 4th evaluation
+    common.write_metrics(tmp_path / "metrics.csv", common.history_rows("scratch", h))
+    d = common.read_metrics(tmp_path / "metrics.csv")["scratch"]
+    note = common.panel_note(d["epochs"], d["metrics"])
+    assert f"NaN/inf from epoch {h['epochs'][3]} (1 of 1 members)" in note
+    assert common.plot_dynamics(tmp_path).is_file()  # draws the finite part without failing
+
+
 def test_all_members_nan_stops_the_phase():
     data = _data()
     model = common.token_mlp(13, 2, 4, [16], 13, [1.0], [0])
