@@ -173,3 +173,9 @@ def test_unwritable_output_directory_is_a_clear_error(tmp_path):
     r = run_script("--config", str(SMOKE), "--out", str(blocker / "run"), cwd=tmp_path)
     assert r.returncode == 2 and "is not writable" in r.stderr and r.stderr.count("\n") == 1
     assert blocker.read_text() == "not a directory"
+
+
+@pytest.mark.parametrize("path", [*sorted((ROOT / "configs" / "modular").glob("*.yaml")), SMOKE], ids=lambda p: p.name)
+def test_every_shipped_config_is_valid(path):
+    cfg = em.resolve(common.parse_config(em.Config(), ["--config", str(path)], {"op": em.OPS}))
+    em.check(cfg)
