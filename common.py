@@ -560,7 +560,7 @@ def summarize(history: dict, member: int | None = None) -> dict:
     K = history["metrics"].shape[1]
     if member is None:
         if K != 1:
-            return {"members": [summarize(history, k) for k in range(K)]}
+            return summarize_members([summarize(history, k) for k in range(K)])
         member = 0
     ep, m = history["epochs"], history["metrics"][:, member]
     finite = np.isfinite(m).all(1)
@@ -586,6 +586,21 @@ def summarize(history: dict, member: int | None = None) -> dict:
         diverged_at=int(history["failed_epoch"][member]) if history["failed_epoch"][member] >= 0 else None,
         wall_s=round(float(history["wall_s"]), 3),
     )
+
+
+def summarize_members(members: list[dict]) -> dict:
+    """Across K members (seeds): mean and standard deviation of Time Gap (over members that reach 95%),
+    of 1/TimeGap (0 for those that never do, as the paper counts them), and of the final accuracies."""
+    def stats(name, values):
+        v = np.array([x for x in values if x is not None], dtype=float)
+        return {f"{name}_mean": float(v.mean()) if len(v) else None, f"{name}_std": float(v.std()) if len(v) else None}
+
+    gaps = [m["time_gap"] for m in members]
+    return dict(**stats("time_gap", gaps), n_reached_95=sum(g is not None for g in gaps),
+                **stats("inverse_time_gap", [m["inverse_time_gap"] for m in members]),
+                **stats("final_train_acc", [m["final_train_acc"] for m in members]),
+                **stats("final_test_acc", [m["final_test_acc"] for m in members]),
+                epochs=members[0]["epochs"], wall_s=members[0]["wall_s"], members=members)
 
 
 def history_rows(phase: str, history: dict) -> list[dict]:

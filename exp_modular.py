@@ -88,6 +88,7 @@ class Config:
     # --- runtime
     phases: str = "weak,groktransfer,scratch"  # which phases to run, comma-separated, in this order
     seed: int = 0  # model init seed (the split uses data_seed)
+    seeds: int = 1  # train seeds seed, seed+1, ... as members of one run: mean and min-max band per phase
     device: str = "auto"  # auto = cuda if available, else cpu
     deterministic: bool = False  # torch deterministic algorithms (matters on CUDA only)
     name: str = ""  # run directory name under runs/modular/ (default: a timestamp)
@@ -103,7 +104,7 @@ def check(cfg: Config):
         raise ConfigError(f"op 'div' needs a prime p (every b != 0 invertible), got p = {cfg.p}")
     if not 0 < cfg.train_frac < 1:
         raise ConfigError(f"train_frac must be in (0, 1), got {cfg.train_frac}")
-    for key in ("weak_d_embed", "weak_width", "weak_epochs", "d_embed", "width", "epochs", "eval_every"):
+    for key in ("weak_d_embed", "weak_width", "weak_epochs", "d_embed", "width", "epochs", "eval_every", "seeds"):
         if getattr(cfg, key) <= 0:
             raise ConfigError(f"{key} must be positive, got {getattr(cfg, key)}")
     for key in ("transfer_at", "stop_at"):
@@ -136,8 +137,9 @@ def resolve(cfg: Config) -> Config:
     return dataclasses.replace(cfg, **fill)
 
 
-def load_weak_embedding(path: str, p: int) -> torch.Tensor:
-    """A saved weak embedding: embedding.pt (a dict with 'embedding') or a bare (p, d) tensor."""
+def load_weak_embedding(path: str, p: int, seeds: int = 1) -> torch.Tensor:
+    """A saved weak embedding: embedding.pt (a dict with 'embedding') or a bare tensor, (p, d) for any
+    number of seeds (every member gets it) or (seeds, p, d) (one per member)."""
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -145,10 +147,12 @@ def load_weak_embedding(path: str, p: int) -> torch.Tensor:
     except Exception as e:  # not a torch file, or unpickling refused
         raise ConfigError(f"weak_embedding {path} is not a saved tensor ({type(e).__name__})") from None
     emb = obj.get("embedding") if isinstance(obj, dict) else obj
-    if not isinstance(emb, torch.Tensor) or emb.dim() != 2 or not emb.is_floating_point():
-        raise ConfigError(f"weak_embedding {path} must hold a float tensor of shape (p, d)")
-    if emb.shape[0] != p:
-        raise ConfigError(f"weak_embedding {path} has vocabulary size {emb.shape[0]} but p = {p}")
+    if not isinstance(emb, torch.Tensor) or emb.dim() not in (2, 3) or not emb.is_floating_point():
+        raise ConfigError(f"weak_embedding {path} must hold a float tensor of shape (p, d) or (seeds, p, d)")
+    if emb.dim() == 3 and emb.shape[0] != seeds:
+        raise ConfigError(f"weak_embedding {path} holds {emb.shape[0]} seeds' embeddings but seeds = {seeds}")
+    if emb.shape[-2] != p:
+        raise ConfigError(f"weak_embedding {path} has vocabulary size {emb.shape[-2]} but p = {p}")
     if not torch.isfinite(emb).all():
         raise ConfigError(f"weak_embedding {path} contains NaN/inf")
     return emb.float()
@@ -194,7 +198,7 @@ def target_model(cfg, seeds, init_scale, device, weak=None):
 def main(argv=None):
     cfg = resolve(common.config_or_exit(Config(), argv, {"op": OPS}, check))
     try:
-        weak_loaded = load_weak_embedding(cfg.weak_embedding, cfg.p) if cfg.weak_embedding else None
+        weak_loaded = load_weak_embedding(cfg.weak_embedding, cfg.p, cfg.seeds) if cfg.weak_embedding else None
         run = common.run_dir("modular", cfg.name, cfg.out)
     except ConfigError as e:
         common.fail(str(e))
@@ -205,7 +209,7 @@ def main(argv=None):
     print(f"run directory {run}  device {device}  {cfg.op} mod {cfg.p}  phases {', '.join(phases)}")
 
     data = make_data(cfg.op, cfg.p, cfg.train_frac, cfg.data_seed, device)
-    seeds = [cfg.seed]
+    seeds = [cfg.seed + i for i in range(cfg.seeds)]  # one member per seed
     opt = dict(betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, eval_every=cfg.eval_every, quiet=cfg.quiet)
     summary = dict(device=str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
                    op=cfg.op, p=cfg.p, n_train=len(data["y_train"]), n_test=len(data["y_test"]), phases={})
@@ -217,9 +221,10 @@ def main(argv=None):
         summary["phases"][phase] = {**common.summarize(hist), **(extra or {})}
         models[phase] = {k: v.cpu() for k, v in model.state_dict().items()}
         common.save_json(summary, run / "summary.json")
-        s = summary["phases"][phase]
-        print(f"[{phase}] done: epochs {s['epochs']}  final train {s['final_train_acc']}  test {s['final_test_acc']}"
-              f"  Time Gap {s['time_gap']}  {s['wall_s']:.1f}s")
+        final = hist["metrics"][-1, :, :]  # (K, 5)
+        gaps = [common.time_gap(hist["epochs"], hist["metrics"][:, k, 1], hist["metrics"][:, k, 3]) for k in range(len(seeds))]
+        print(f"[{phase}] done: epochs {hist['epochs_run']}  final train acc {final[:, 1].mean():.4f}  "
+              f"test acc {final[:, 3].mean():.4f}  Time Gap {gaps if len(gaps) > 1 else gaps[0]}  {hist['wall_s']:.1f}s")
         if hist["diverged"]:
             common.plot_dynamics(run, title=f"{cfg.op} mod {cfg.p}")
             common.fail(f"phase '{phase}' diverged (NaN/inf loss) at epoch {hist['failed_epoch'].min()}; "
@@ -231,11 +236,14 @@ def main(argv=None):
         model = weak_model(cfg, seeds, device)
         hist = common.train(model, data, epochs=cfg.weak_epochs, lr=cfg.weak_lr, wd=cfg.weak_wd,
                             stop_at=cfg.transfer_at, desc="weak", **opt)
-        weak = model.embed.weight.detach()[0].cpu()  # (p, d_W)
-        s = common.summarize(hist)
-        reached = cfg.transfer_at is None or s["stopped_at"] is not None
-        transfer = dict(transfer_epoch=s["stopped_at"] if s["stopped_at"] is not None else s["epochs"],
-                        transfer_test_acc=float(hist["metrics"][-1, 0, 3]), transfer_target_reached=reached)
+        weak = model.embed.weight.detach().cpu()  # (K, p, d_W); member k froze at its own transfer epoch
+        stop = hist["stop_epoch"]
+        reached = cfg.transfer_at is None or bool((stop >= 0).all())
+        epoch_k = [int(e) if e >= 0 else hist["epochs_run"] for e in stop]  # (K,)
+        acc_k = [float(hist["metrics"][list(hist["epochs"]).index(e), k, 3]) for k, e in enumerate(epoch_k)]
+        transfer = dict(transfer_epoch=epoch_k, transfer_test_acc=acc_k, transfer_target_reached=reached)
+        if len(seeds) == 1:
+            weak, transfer = weak[0], {k: v[0] if isinstance(v, list) else v for k, v in transfer.items()}
         if not reached:
             print(f"[weak] warning: test accuracy never reached transfer_at = {cfg.transfer_at}; "
                   f"transferring the final embedding", file=sys.stderr)

@@ -300,9 +300,19 @@ def test_summary_and_metrics_round_trip(tmp_path):
     np.testing.assert_allclose(back["metrics"], h["metrics"], rtol=1e-6)
     s = common.summarize(h)
     assert len(s["members"]) == 2 and s["members"][1]["epochs"] == 20
+    accs = [m["final_test_acc"] for m in s["members"]]
+    assert s["final_test_acc_mean"] == pytest.approx(np.mean(accs)) and s["final_test_acc_std"] == pytest.approx(np.std(accs))
     torch.testing.assert_close(torch.tensor(h["metrics"][-1, :, 4]), common.weight_norm(model), rtol=1e-5, atol=1e-6)
     png = common.plot_dynamics(tmp_path)
     assert png.stat().st_size > 10_000
+
+
+def test_summarize_members_counts_never_reached_as_zero_inverse_gap():
+    members = [dict(time_gap=g, inverse_time_gap=common.inverse_time_gap(g), final_train_acc=1.0, final_test_acc=a,
+                    epochs=100, wall_s=1.0) for g, a in [(10, 1.0), (30, 0.99), (None, 0.2)]]
+    s = common.summarize_members(members)
+    assert s["time_gap_mean"] == 20 and s["time_gap_std"] == 10 and s["n_reached_95"] == 2
+    assert s["inverse_time_gap_mean"] == pytest.approx((1 / 10 + 1 / 30 + 0) / 3)
 
 
 def test_write_atomic_keeps_the_old_file_on_failure(tmp_path):

@@ -179,3 +179,20 @@ def test_unwritable_output_directory_is_a_clear_error(tmp_path):
 def test_every_shipped_config_is_valid(path):
     cfg = em.resolve(common.parse_config(em.Config(), ["--config", str(path)], {"op": em.OPS}))
     em.check(cfg)
+
+
+def test_seeds_run_as_members_and_match_single_seed_runs(tmp_path):
+    """--seeds 2 trains seeds 0 and 1 together; each member's curve equals that seed run alone."""
+    base = ["--config", str(SMOKE), "--device", "cpu", "--weak_epochs", "100", "--epochs", "60", "--quiet"]
+    r = run_script(*base, "--seeds", "2", "--out", str(tmp_path / "both"))
+    assert r.returncode == 0, r.stderr
+    both = common.read_metrics(tmp_path / "both" / "metrics.csv")
+    s = json.loads((tmp_path / "both" / "summary.json").read_text())
+    assert len(s["phases"]["groktransfer"]["members"]) == 2 and "time_gap_mean" in s["phases"]["scratch"]
+    assert torch.load(tmp_path / "both" / "embedding.pt", weights_only=True)["embedding"].shape == (2, 23, 4)
+    for seed in (0, 1):
+        r = run_script(*base, "--seed", str(seed), "--out", str(tmp_path / f"s{seed}"))
+        assert r.returncode == 0, r.stderr
+        alone = common.read_metrics(tmp_path / f"s{seed}" / "metrics.csv")
+        for phase in ("weak", "groktransfer", "scratch"):
+            np.testing.assert_allclose(both[phase]["metrics"][:, seed], alone[phase]["metrics"][:, 0], rtol=1e-4, atol=1e-5)
