@@ -12,6 +12,7 @@ Usage:
   python exp_modular.py                          # a+b mod 113, the paper's Fig 17a setting
   python exp_modular.py --op mul                 # ab mod 113, Fig 17b
   python exp_modular.py --stop_at 0.99           # stop each target phase once it reaches 99% test acc
+  python exp_modular.py --seeds 5                # five seeds as members of one run: mean and band
   python exp_modular.py --weak_embedding runs/modular/NAME/embedding.pt --phases groktransfer,scratch
   python exp_modular.py --config configs/smoke/modular.yaml --device cpu   # a tiny run (the tests')
 Every config key below is also a flag (--key value); `--config FILE.yaml` sets several at once.
