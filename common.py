@@ -644,13 +644,18 @@ PHASE_TITLES = {"weak": "weak model", "groktransfer": "target via GrokTransfer",
 
 
 def panel_note(epochs, metrics) -> str:
-    """The text in a dynamics panel: the Time Gap of the member mean, and where values are NaN/inf."""
+    """The text in a dynamics panel: the Time Gap (one member) or each member's (K > 1; "-" = never
+    reached 95%), and where values are NaN/inf."""
     bad = ~np.isfinite(metrics[..., :4]).all(-1)  # (E, K)
     with warnings.catch_warnings():  # all-NaN rows: "mean of empty slice"
         warnings.simplefilter("ignore", RuntimeWarning)
         gap = time_gap(epochs, np.nanmean(np.where(bad, np.nan, metrics[..., 1]), 1),
                        np.nanmean(np.where(bad, np.nan, metrics[..., 3]), 1))
     note = f"Time Gap {gap}" if gap is not None else "Time Gap: 95% not reached"
+    if metrics.shape[1] > 1:  # the mean curve's gap hides a lagging member: list every member's
+        gaps = [time_gap(epochs, np.where(bad[:, k], np.nan, metrics[:, k, 1]), np.where(bad[:, k], np.nan, metrics[:, k, 3]))
+                for k in range(metrics.shape[1])]
+        note = "Time Gap per member: " + ", ".join("-" if g is None else str(g) for g in gaps)
     if bad.any():
         note += f"\nNaN/inf from epoch {epochs[bad.any(1)][0]} ({bad.any(0).sum()} of {bad.shape[1]} members)"
     return note
@@ -669,7 +674,7 @@ def plot_dynamics(run: Path, out: Path | None = None, title: str = "") -> Path:
 
     run = Path(run)
     phases = read_metrics(run / "metrics.csv")
-    fig, axes = plt.subplots(1, len(phases), figsize=(4.2 * len(phases), 3.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(phases), figsize=(4.2 * len(phases), 3.7), squeeze=False)
     last = max(int(d["epochs"].max()) for d in phases.values())  # one x range: phases compare by eye
     for ax, (phase, d) in zip(axes[0], phases.items()):
         ep, m = d["epochs"], d["metrics"]
@@ -687,13 +692,11 @@ def plot_dynamics(run: Path, out: Path | None = None, title: str = "") -> Path:
             first = first_epoch(ep, mean, 0.95)
             if first is not None:
                 ax.axvline(first, color=color, ls=":", lw=1)
-        ax.text(0.03, 0.97, panel_note(ep, m), transform=ax.transAxes, va="top", fontsize=8,
-                bbox=dict(facecolor="white", alpha=0.8, lw=0))
         ax.set_xscale("log")
         ax.set_xlim(1, max(last, 2) * 1.1)
         ax.set_ylim(-0.02, 1.02)
         ax.set_xlabel("epoch")
-        ax.set_title(PHASE_TITLES.get(phase, phase), fontsize=10)
+        ax.set_title(f"{PHASE_TITLES.get(phase, phase)}\n{panel_note(ep, m)}", fontsize=9)
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("accuracy")
     axes[0][0].legend(loc="center left", fontsize=8)

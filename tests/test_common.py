@@ -323,3 +323,12 @@ def test_write_atomic_keeps_the_old_file_on_failure(tmp_path):
         common.write_atomic(path, object())  # fails in the middle of the write
     assert path.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]  # no temporary left behind
+
+
+def test_panel_note_lists_each_members_time_gap():
+    ep = np.array([0, 10, 20, 30])
+    m = np.zeros((4, 2, 5))
+    m[:, 0, 1], m[:, 0, 3] = [0, 1, 1, 1], [0, 0, 1, 1]  # gap 10
+    m[:, 1, 1], m[:, 1, 3] = [0, 1, 1, 1], [0, 0, 0, 0.5]  # never
+    assert common.panel_note(ep, m[:, :1]) == "Time Gap 10"
+    assert common.panel_note(ep, m) == "Time Gap per member: 10, -"
