@@ -63,9 +63,9 @@ class Config:
     weak_epochs: int = 10_000  # "we train [the weak model] for 10^4 epochs" (Section 4.1)
     # (init scale, lr, wd) of the weak model; none = our searched value for this op (SETTINGS above;
     # the paper does not state them)
-    weak_init_scale: float | None = None
-    weak_lr: float | None = None
-    weak_wd: float | None = None
+    weak_init_scale: float | None = None  # ours: add 0.5, mul 1.0
+    weak_lr: float | None = None  # ours: 1e-2
+    weak_wd: float | None = None  # ours: add 0.3, mul 1.0
     transfer_at: float | None = None  # take the weak embedding when test acc first reaches this (None: at the end)
     weak_embedding: str = ""  # path to a saved embedding.pt: skip training the weak model, transfer this one
     # --- target model (appendix A.3.1: three-layer FNN, (d_embed, width) = (128, 512))
@@ -75,15 +75,15 @@ class Config:
     # (init scale, lr, wd) of each target phase; none = the value for this op in SETTINGS above
     # (the paper's, except scratch lr: 1e-2 where the paper says 0.1, which does not train here)
     gt_init_scale: float | None = None  # init scale of B and the layers; A is the weak embedding as is
-    gt_lr: float | None = None
-    gt_wd: float | None = None
-    scratch_init_scale: float | None = None
-    scratch_lr: float | None = None
-    scratch_wd: float | None = None
+    gt_lr: float | None = None  # AdamW learning rate of the GrokTransfer target (paper: add 1e-3, mul 5e-3)
+    gt_wd: float | None = None  # AdamW (decoupled) weight decay of the GrokTransfer target (paper: add 1, mul 3)
+    scratch_init_scale: float | None = None  # init scale of the scratch target, embedding included (paper: 0.1)
+    scratch_lr: float | None = None  # ours 1e-2; paper 0.1, which does not train here (SETTINGS)
+    scratch_wd: float | None = None  # paper: 2
     # --- optimisation (AdamW, full batch, cross-entropy; betas/eps not stated: PyTorch defaults)
-    beta1: float = 0.9
-    beta2: float = 0.999
-    adam_eps: float = 1e-8
+    beta1: float = 0.9  # AdamW beta1 (not stated in the paper: PyTorch default)
+    beta2: float = 0.999  # AdamW beta2 (not stated: PyTorch default; many grokking codes use 0.98)
+    adam_eps: float = 1e-8  # AdamW eps (not stated: PyTorch default)
     eval_every: int = 10  # evaluate every N epochs: also the resolution of Time Gap
     stop_at: float | None = None  # target phases stop once test acc reaches this (paper: train all epochs)
     # --- runtime
