@@ -183,7 +183,10 @@ def pick_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device '{name}' requested but CUDA is not available; use --device cpu")
-    return torch.device(name)
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"unknown device '{name}'; use auto, cpu, cuda or cuda:N") from None
 
 
 def set_seed(seed: int, deterministic: bool = False):
@@ -510,9 +513,7 @@ def train(model, data, *, epochs: int, lr, wd, betas=(0.9, 0.999), eps=1e-8, eva
             going = record(epoch)
     if epoch not in epochs_logged:
         record(epoch)
-    bar.close()
-    if _sync_needed(model):
-        torch.cuda.synchronize()
+    bar.close()  # the last record() copied to the host, so the device is idle here
     diverged = bool((failed_epoch >= 0).all())
     if diverged and not quiet:
         print(f"[{desc}] all members diverged (NaN/inf loss); first at epoch {failed_epoch.min()}", file=sys.stderr)
@@ -520,10 +521,6 @@ def train(model, data, *, epochs: int, lr, wd, betas=(0.9, 0.999), eps=1e-8, eva
         print(f"[{desc}] members {np.flatnonzero(failed_epoch >= 0).tolist()} diverged (NaN/inf loss)", file=sys.stderr)
     return dict(epochs=np.array(epochs_logged), metrics=np.stack(rows), stop_epoch=stop_epoch,
                 failed_epoch=failed_epoch, epochs_run=epoch, wall_s=time.perf_counter() - t0, diverged=diverged)
-
-
-def _sync_needed(model) -> bool:
-    return next(model.parameters()).is_cuda
 
 
 def _progress(total: int, desc: str, quiet: bool):
@@ -647,14 +644,11 @@ def panel_note(epochs, metrics) -> str:
     """The text in a dynamics panel: the Time Gap (one member) or each member's (K > 1; "-" = never
     reached 95%), and where values are NaN/inf."""
     bad = ~np.isfinite(metrics[..., :4]).all(-1)  # (E, K)
-    with warnings.catch_warnings():  # all-NaN rows: "mean of empty slice"
-        warnings.simplefilter("ignore", RuntimeWarning)
-        gap = time_gap(epochs, np.nanmean(np.where(bad, np.nan, metrics[..., 1]), 1),
-                       np.nanmean(np.where(bad, np.nan, metrics[..., 3]), 1))
-    note = f"Time Gap {gap}" if gap is not None else "Time Gap: 95% not reached"
-    if metrics.shape[1] > 1:  # the mean curve's gap hides a lagging member: list every member's
-        gaps = [time_gap(epochs, np.where(bad[:, k], np.nan, metrics[:, k, 1]), np.where(bad[:, k], np.nan, metrics[:, k, 3]))
-                for k in range(metrics.shape[1])]
+    acc = np.where(bad[..., None], np.nan, metrics)  # NaN never counts as reaching 95%
+    gaps = [time_gap(epochs, acc[:, k, 1], acc[:, k, 3]) for k in range(metrics.shape[1])]
+    if len(gaps) == 1:
+        note = f"Time Gap {gaps[0]}" if gaps[0] is not None else "Time Gap: 95% not reached"
+    else:  # the mean curve's gap would hide a lagging member: list every member's
         note = "Time Gap per member: " + ", ".join("-" if g is None else str(g) for g in gaps)
     if bad.any():
         note += f"\nNaN/inf from epoch {epochs[bad.any(1)][0]} ({bad.any(0).sum()} of {bad.shape[1]} members)"

@@ -222,10 +222,11 @@ def main(argv=None):
         summary["phases"][phase] = {**common.summarize(hist), **(extra or {})}
         models[phase] = {k: v.cpu() for k, v in model.state_dict().items()}
         common.save_json(summary, run / "summary.json")
-        final = hist["metrics"][-1, :, :]  # (K, 5)
-        gaps = [common.time_gap(hist["epochs"], hist["metrics"][:, k, 1], hist["metrics"][:, k, 3]) for k in range(len(seeds))]
+        s = summary["phases"][phase]
+        gaps = [m["time_gap"] for m in s["members"]] if "members" in s else s["time_gap"]
+        final = hist["metrics"][-1]  # (K, 5)
         print(f"[{phase}] done: epochs {hist['epochs_run']}  final train acc {final[:, 1].mean():.4f}  "
-              f"test acc {final[:, 3].mean():.4f}  Time Gap {gaps if len(gaps) > 1 else gaps[0]}  {hist['wall_s']:.1f}s")
+              f"test acc {final[:, 3].mean():.4f}  Time Gap {gaps}  {hist['wall_s']:.1f}s")
         if hist["diverged"]:
             common.plot_dynamics(run, title=f"{cfg.op} mod {cfg.p}")
             common.fail(f"phase '{phase}' diverged (NaN/inf loss) at epoch {hist['failed_epoch'].min()}; "

@@ -157,6 +157,7 @@ def test_transfer_at_stops_the_weak_model(tmp_path):
     (["--widht", "3"], "unknown config key 'widht'"),
     (["--epochs", "ten"], "'epochs' expects int"),
     (["--train_frac", "1"], "train_frac must be in (0, 1)"),
+    (["--device", "tpu"], "unknown device 'tpu'"),
 ])
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, args, words):
     out = tmp_path / "run"
