@@ -17,8 +17,10 @@ Re-plot a finished run:  python common.py plot runs/modular/<name>
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
+import itertools
 import io
 import json
 import math
@@ -60,6 +62,13 @@ def _coerce(key, value, tp, choices):
     base, optional = _base_type(tp)
     if optional and (value is None or (isinstance(value, str) and value.lower() in ("none", "null"))):
         return None
+    if typing.get_origin(base) is list:  # list[float], list[str]: a YAML list, or "a,b,c" / several args
+        item = typing.get_args(base)[0]
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v.strip()]
+        elif not isinstance(value, (list, tuple)):
+            value = [value]
+        return [_coerce(key, v.strip() if isinstance(v, str) else v, item, choices) for v in value]
     want = getattr(base, "__name__", str(base))
     try:
         if base is bool:
@@ -100,7 +109,8 @@ def parse_config(defaults, argv: list[str], choices: dict | None = None):
 
     Types follow the dataclass annotations; an unknown key, a wrong type or a value outside
     `choices[key]` raises ConfigError with a one-line message naming the key.
-    A bool field may be given as a bare flag (`--deterministic`).
+    A bool field may be given as a bare flag (`--deterministic`). A list field takes a YAML list,
+    a comma-separated value, or several values (`--grid_lrs 1e-3 1e-2`).
     """
     choices = choices or {}
     hints = typing.get_type_hints(type(defaults))
@@ -122,6 +132,11 @@ def parse_config(defaults, argv: list[str], choices: dict | None = None):
             nxt = argv[i + 1] if i + 1 < len(argv) else None
             if key in hints and _base_type(hints[key])[0] is bool and (nxt is None or nxt.startswith("--")):
                 raw = "true"  # bare boolean flag
+            elif key in hints and typing.get_origin(_base_type(hints[key])[0]) is list and nxt is not None:
+                j = i + 1  # a list flag takes every value up to the next --flag: --merge DIR1 DIR2
+                while j < len(argv) and not argv[j].startswith("--"):
+                    j += 1
+                raw, i = ",".join(argv[i + 1:j]), j - 1
             elif nxt is None:
                 raise ConfigError(f"config key '{key}' needs a value")
             else:
@@ -455,9 +470,40 @@ def evaluate(model, data, loss_fn, acc_fn, chunk: int = 16384) -> torch.Tensor:
     return torch.stack(out, 1)  # (K, 5)
 
 
+PRECISIONS = ("float32", "tf32", "bf16")
+
+
+@contextlib.contextmanager
+def precision_context(precision: str, device: torch.device):
+    """float32: plain float32 (TF32 off); tf32: float32 storage, TF32 matmuls on CUDA (no-op on the
+    CPU); bf16: autocast of the forward pass to bfloat16, float32 weights and optimizer state."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == "tf32"
+    try:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def _keep_members(model, opt, keep: torch.Tensor):
+    """Drop every member not in `keep` (indices) from the model's parameters and the optimizer state.
+    The parameters are replaced by new, smaller ones (resizing .data in place confuses autograd)."""
+    new = {}
+    for module in model.modules():
+        for name, p in list(module._parameters.items()):
+            if p is not None:
+                new[id(p)] = module._parameters[name] = nn.Parameter(p.detach()[keep])
+    opt.params = [new[id(p)] for p in opt.params]
+    opt.m, opt.v = [m[keep] for m in opt.m], [v[keep] for v in opt.v]
+    opt.lr, opt.wd, opt.active = opt.lr[keep], opt.wd[keep], opt.active[keep]
+
+
 def train(model, data, *, epochs: int, lr, wd, betas=(0.9, 0.999), eps=1e-8, eval_every: int = 10,
           stop_at: float | None = None, loss_fn=cross_entropy, acc_fn=accuracy, desc: str = "train",
-          quiet: bool = False) -> dict:
+          quiet: bool = False, precision: str = "float32", compact: bool = False) -> dict:
     """Full-batch AdamW on all K members of `model` for `epochs` epochs; returns the history.
 
     data: dict of device tensors x_train, y_train, x_test, y_test.
@@ -467,14 +513,21 @@ def train(model, data, *, epochs: int, lr, wd, betas=(0.9, 0.999), eps=1e-8, eva
     stop_at: a member whose test accuracy reaches it stops updating (frozen); training ends when all have.
     A member whose train loss becomes NaN/inf is frozen and marked failed at that epoch; if all members
     fail the phase stops and history["diverged"] is True.
+    precision: float32 | tf32 | bf16 (precision_context).
+    compact: once at most half the members still train, drop the frozen ones from the model so they
+    cost nothing (a grid search, where most points stop early). The model then holds only the members
+    still training when it ended; their metrics rows keep every member (a dropped one repeats its last).
     Returns dict: epochs (E,), metrics (E, K, 5) numpy, stop_epoch / failed_epoch (K,) (-1 = never),
     epochs_run, wall_s.
     """
     K = n_members(model)
+    device = next(model.parameters()).device
     opt = AdamW(model.parameters(), lr, wd, betas, eps)
     x, y = data["x_train"], data["y_train"]
     stop_epoch = np.full(K, -1)
     failed_epoch = np.full(K, -1)
+    alive = np.arange(K)  # the original index of each member the model still holds
+    last_row = np.full((K, len(METRICS)), np.nan, dtype=np.float32)
     rows, epochs_logged = [], []
     eval_at = set(range(0, epochs + 1, eval_every)) | {e for e in (1, 2, 4, 8, 16, 32, 64) if e < eval_every} | {epochs}
     bar = _progress(epochs, desc, quiet)
@@ -483,7 +536,9 @@ def train(model, data, *, epochs: int, lr, wd, betas=(0.9, 0.999), eps=1e-8, eva
 
     def record(epoch):
         """Evaluate; the one host sync per evaluation. Returns False when no member is left training."""
-        row = evaluate(model, data, loss_fn, acc_fn).cpu().numpy()  # (K, 5)
+        nonlocal alive
+        last_row[alive] = evaluate(model, data, loss_fn, acc_fn).cpu().numpy()  # (K held, 5)
+        row = last_row.copy()  # (K, 5); members dropped by `compact` repeat their last values
         rows.append(row)
         epochs_logged.append(epoch)
         newly_failed = ~np.isfinite(row[:, 0]) & (failed_epoch < 0) & (stop_epoch < 0)
@@ -492,9 +547,13 @@ def train(model, data, *, epochs: int, lr, wd, betas=(0.9, 0.999), eps=1e-8, eva
             reached = (row[:, 3] >= stop_at) & (stop_epoch < 0) & (failed_epoch < 0)
             stop_epoch[reached] = epoch
         running = (stop_epoch < 0) & (failed_epoch < 0)
-        if not running.all():
-            opt.active.copy_(torch.as_tensor(running, device=opt.active.device))
-            opt.all_active = False
+        if compact and running.any() and running[alive].sum() <= len(alive) // 2:
+            keep = np.flatnonzero(running[alive])  # positions within the members still held
+            _keep_members(model, opt, torch.as_tensor(keep, device=device))
+            alive = alive[keep]
+        opt.all_active = bool(running[alive].all())
+        if not opt.all_active:
+            opt.active.copy_(torch.as_tensor(running[alive], device=device))
         bar.set_postfix_str(f"train {np.nanmean(row[:, 1]):.3f} test {np.nanmean(row[:, 3]):.3f}")
         bar.update(epoch - bar.n)
         if bar.disable and not quiet and (epoch % log_every == 0 or epoch == epochs):
@@ -502,17 +561,18 @@ def train(model, data, *, epochs: int, lr, wd, betas=(0.9, 0.999), eps=1e-8, eva
                   f"  train_loss {np.nanmean(row[:, 0]):.4g}  {time.perf_counter() - t0:.1f}s", flush=True)
         return running.any()
 
-    going = record(0)
-    while going and epoch < epochs:
-        epoch += 1
-        loss = loss_fn(model(x), y)  # (K,)
-        model.zero_grad(set_to_none=True)
-        loss.sum().backward()  # members are independent: d(sum)/d(member k) = d(loss_k)
-        opt.step()
-        if epoch in eval_at:
-            going = record(epoch)
-    if epoch not in epochs_logged:
-        record(epoch)
+    with precision_context(precision, device):
+        going = record(0)
+        while going and epoch < epochs:
+            epoch += 1
+            loss = loss_fn(model(x), y)  # (K,)
+            model.zero_grad(set_to_none=True)
+            loss.float().sum().backward()  # members are independent: d(sum)/d(member k) = d(loss_k)
+            opt.step()
+            if epoch in eval_at:
+                going = record(epoch)
+        if epoch not in epochs_logged:
+            record(epoch)
     bar.close()  # the last record() copied to the host, so the device is idle here
     diverged = bool((failed_epoch >= 0).all())
     if diverged and not quiet:
@@ -631,6 +691,240 @@ def read_metrics(path: Path) -> dict[str, dict]:
         K = max(len(v) for v in d.values())
         out[phase] = dict(epochs=np.array(epochs), metrics=np.array([[d[e][k] for k in range(K)] for e in epochs]))
     return out
+
+
+# -----------------------------------------------------------------------------
+# Grid search (appendix A.3: "grid search over init scale x lr x wd; the best is the first to reach
+# 99% test accuracy"): grid points are trained as the members of K-member models, batch after batch.
+
+PAPER_GRID = dict(  # DESIGN.md, "Selection of hyperparameters": 16 x 8 x 9 = 1152 points
+    init_scales=[0.05] + [round(0.1 * i, 1) for i in range(1, 16)],
+    lrs=[1e-4, 5e-4, 1e-3, 5e-3, 1e-2, 1e-1, 0.5, 1.0],
+    wds=[1e-4, 1e-3, 1e-2, 1e-1, 1.0, 2.0, 3.0, 4.0, 5.0],
+)
+GRID_KEYS = ("point", "init_scale", "lr", "wd")
+
+
+def grid_points(init_scales, lrs, wds) -> list[dict]:
+    """Every (init scale, lr, wd), numbered in a fixed order (init scale slowest, wd fastest)."""
+    return [dict(point=i, init_scale=c, lr=l, wd=w)
+            for i, (c, l, w) in enumerate(itertools.product(init_scales, lrs, wds))]
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """'i/n' -> (i, n) with 0 <= i < n; '' -> (0, 1). Shard i runs points i, i+n, i+2n, ..."""
+    if not text:
+        return 0, 1
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise ConfigError(f"shard must look like i/n (e.g. 0/4), got {text!r}") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise ConfigError(f"shard i/n needs 0 <= i < n, got {text!r}")
+    return i, n
+
+
+def auto_members(build, data, n_points: int, cap: int = 256, headroom: float = 0.8, **train_kw) -> int:
+    """How many grid points to train at once. CUDA: measure the peak memory of a short run with 1 and
+    2 members, and fit as many as `headroom` of the free memory holds (at most `cap`). CPU: 8 (more
+    members add little throughput on a CPU). Batches are then balanced: 1152 points at K <= 256 run
+    as 5 batches of 231 or 230, not 4 x 256 + 128."""
+    device = data["x_train"].device
+    if device.type == "cuda":
+        peaks = []
+        for k in (1, 2):
+            torch.cuda.synchronize(device)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+            model = build([1.0] * k)
+            train(model, data, epochs=2, lr=0.0, wd=0.0, eval_every=1, quiet=True, **train_kw)
+            peaks.append(torch.cuda.max_memory_allocated(device) - base)
+            del model
+        per = max(peaks[1] - peaks[0], 1)
+        free, _ = torch.cuda.mem_get_info(device)
+        K = int((headroom * free - (peaks[0] - per)) // per)
+    else:
+        K = 8
+    K = max(1, min(K, cap, n_points))
+    batches = math.ceil(n_points / K)
+    return math.ceil(n_points / batches)
+
+
+def grid_rows(batch: list[dict], history: dict, threshold: float) -> list[dict]:
+    """One grid.csv row per point of a trained batch (member k = batch[k])."""
+    sel = f"first_epoch_test_{threshold * 100:g}"
+    rows = []
+    for k, point in enumerate(batch):
+        s = summarize(history, k)
+        first = first_epoch(history["epochs"], history["metrics"][:, k, 3], threshold)
+        status = "diverged" if s["diverged_at"] is not None else ("reached" if first is not None else "not_reached")
+        rows.append({**point, sel: first, "first_epoch_train_95": s["first_epoch_train_95"],
+                     "first_epoch_test_95": s["first_epoch_test_95"], "time_gap": s["time_gap"],
+                     "final_train_acc": s["final_train_acc"], "final_test_acc": s["final_test_acc"],
+                     "final_test_loss": s["final_test_loss"],
+                     "epochs_run": next(e for e in (s["stopped_at"], s["diverged_at"], s["epochs"]) if e is not None),
+                     "status": status})
+    return rows
+
+
+def run_grid(points: list[dict], build, data, *, epochs: int, threshold: float, members: int = 0,
+             on_batch=None, quiet: bool = False, **train_kw) -> tuple[list[dict], int]:
+    """Train every point of `points` to `threshold` test accuracy (or `epochs`), K at a time.
+
+    build(init_scales) -> a model with len(init_scales) members; lr and wd per member come from the
+    points. A member stops once it reaches the threshold, or is marked diverged on NaN/inf; frozen
+    members are dropped from the batch once half have stopped (train(compact=True)). A CUDA
+    out-of-memory error halves K and retries the batch. on_batch(rows) is called after every batch
+    (to write grid.csv as it grows). Returns (rows, K used at the end).
+    """
+    K = members or auto_members(build, data, len(points), **train_kw)
+    rows, start, t0 = [], 0, time.perf_counter()
+    while start < len(points):
+        batch = points[start:start + K]
+        try:
+            model = build([p["init_scale"] for p in batch])
+            hist = train(model, data, epochs=epochs, lr=[p["lr"] for p in batch], wd=[p["wd"] for p in batch],
+                         stop_at=threshold, compact=True, quiet=True, **train_kw)
+        except torch.cuda.OutOfMemoryError:
+            model = None
+            torch.cuda.empty_cache()
+            if K == 1:
+                raise
+            K = max(1, K // 2)
+            print(f"[grid] out of device memory; retrying with {K} members per batch", file=sys.stderr)
+            continue
+        rows += grid_rows(batch, hist, threshold)
+        start += len(batch)
+        if on_batch is not None:
+            on_batch(rows)
+        if not quiet:
+            n_reached = sum(r["status"] == "reached" for r in rows)
+            print(f"[grid] {start}/{len(points)} points ({K} per batch)  {n_reached} reached {threshold:.0%}"
+                  f"  batch {hist['wall_s']:.1f}s  total {time.perf_counter() - t0:.1f}s", flush=True)
+    return rows, K
+
+
+def selection_key(rows: list[dict]) -> str:
+    """The grid.csv column of the selection threshold: first_epoch_test_99 for 99%."""
+    keys = [k for k in rows[0] if k.startswith("first_epoch_test_")]
+    return next((k for k in keys if k != "first_epoch_test_95"), "first_epoch_test_95")
+
+
+def best_point(rows: list[dict]) -> dict | None:
+    """The point that first reaches the selection threshold; ties (same evaluation epoch) go to the
+    lower final test loss, then the lower point number. None when no point reached it."""
+    sel = selection_key(rows) if rows else None
+    reached = [r for r in rows if r["status"] == "reached"]
+    if not reached:
+        return None
+    return min(reached, key=lambda r: (r[sel], r["final_test_loss"] if r["final_test_loss"] is not None else math.inf, r["point"]))
+
+
+def write_grid(path: Path, rows: list[dict]):
+    """grid.csv, sorted by point number, atomically; empty values for never / not available."""
+    rows = sorted(rows, key=lambda r: r["point"])
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows({k: "" if v is None else v for k, v in r.items()} for r in rows)
+    write_atomic(path, buf.getvalue())
+
+
+def read_grid(path: Path) -> list[dict]:
+    """grid.csv -> rows with numbers parsed back (empty -> None)."""
+    def parse(key, v):
+        if v == "" or key == "status":
+            return None if v == "" else v
+        return int(v) if key in ("point", "epochs_run", "time_gap") or key.startswith("first_epoch") else float(v)
+
+    with open(path) as f:
+        return [{k: parse(k, v) for k, v in r.items()} for r in csv.DictReader(f)]
+
+
+def merge_grids(dirs: list[str]) -> tuple[list[dict], dict]:
+    """Combine the grid.csv / grid.json of shard runs. Every shard must come from the same grid
+    (same points, threshold, phase and settings); a point found twice or a missing shard is an error.
+    Returns (rows, the shared grid.json content)."""
+    rows, meta, seen = [], None, {}
+    for d in dirs:
+        path, info = Path(d) / "grid.csv", Path(d) / "grid.json"
+        if not path.is_file() or not info.is_file():
+            raise ConfigError(f"no grid.csv and grid.json in {d}")
+        m = json.loads(info.read_text())
+        same = {k: v for k, v in m.items() if k not in ("shard", "members", "wall_s", "best", "n_points_run", "device")}
+        if meta is None:
+            meta = same
+        elif same != meta:
+            diff = sorted(k for k in set(same) | set(meta) if same.get(k) != meta.get(k))
+            raise ConfigError(f"{d} is from a different grid than {dirs[0]} (differs in: {', '.join(diff)})")
+        for r in read_grid(path):
+            if r["point"] in seen:
+                raise ConfigError(f"grid point {r['point']} is in both {seen[r['point']]} and {d}")
+            seen[r["point"]] = d
+            rows.append(r)
+    missing = meta["n_points"] - len(rows)
+    if missing:
+        raise ConfigError(f"the shards hold {len(rows)} of {meta['n_points']} grid points; {missing} missing")
+    return sorted(rows, key=lambda r: r["point"]), meta
+
+
+def plot_grid(rows: list[dict], out: Path, title: str = "") -> Path:
+    """Heatmap over lr (rows) x wd (columns): the first epoch at the selection threshold, best over
+    init scale, with that init scale written in the cell; grey = no init scale reached it, the best
+    point boxed."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+    from matplotlib.colors import LogNorm
+
+    sel = selection_key(rows)
+    lrs, wds = sorted({r["lr"] for r in rows}), sorted({r["wd"] for r in rows})
+    value = np.full((len(lrs), len(wds)), np.nan)
+    scale = np.full((len(lrs), len(wds)), np.nan)
+    for r in rows:
+        i, j = lrs.index(r["lr"]), wds.index(r["wd"])
+        if r["status"] == "reached" and not (value[i, j] <= r[sel]):  # NaN compares False: first hit wins
+            value[i, j], scale[i, j] = max(r[sel], 1), r["init_scale"]
+    fig, ax = plt.subplots(figsize=(max(5.5, 2.5 + 0.8 * len(wds)), max(3.6, 1.6 + 0.5 * len(lrs))))
+    ax.set_facecolor("0.85")
+    finite = value[np.isfinite(value)]
+    norm = LogNorm(vmin=finite.min(), vmax=max(finite.max(), finite.min() * 1.01)) if len(finite) else None
+    if norm is not None:
+        im = ax.imshow(np.ma.masked_invalid(value), cmap="viridis_r", aspect="auto", norm=norm)
+        bar = fig.colorbar(im, ax=ax)
+        bar.set_label(f"first epoch with test acc >= {sel.rsplit('_', 1)[1]}%", fontsize=8)
+        bar.ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        bar.set_ticks(np.unique(np.round(np.geomspace(norm.vmin, norm.vmax, 5))), labels=None)
+        bar.ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    for i in range(len(lrs)):
+        for j in range(len(wds)):
+            if np.isfinite(value[i, j]):  # dark text on the light (early) end of the colour map
+                dark = norm(value[i, j]) < 0.5
+                ax.text(j, i, f"{value[i, j]:.0f}\ninit {scale[i, j]:g}", ha="center", va="center",
+                        fontsize=6.5, color="black" if dark else "white")
+            else:
+                ax.text(j, i, "-", ha="center", va="center", fontsize=7, color="0.4")
+    best = best_point(rows)
+    if best is not None:
+        i, j = lrs.index(best["lr"]), wds.index(best["wd"])
+        ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, ec="red", lw=2))
+    ax.set_xticks(range(len(wds)), [f"{w:g}" for w in wds])
+    ax.set_yticks(range(len(lrs)), [f"{l:g}" for l in lrs])
+    ax.set_xlim(-0.5, len(wds) - 0.5)
+    ax.set_ylim(len(lrs) - 0.5, -0.5)
+    ax.set_xlabel("weight decay")
+    ax.set_ylabel("learning rate")
+    n_reached = sum(r["status"] == "reached" for r in rows)
+    ax.set_title(f"{title}: {n_reached} of {len(rows)} points reached\n"
+                 f"cell = best over init scale; red box = best point; - = none reached", fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    write_atomic(out, buf.getvalue())
+    return Path(out)
 
 
 # -----------------------------------------------------------------------------

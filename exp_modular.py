@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -86,6 +86,18 @@ class Config:
     adam_eps: float = 1e-8  # AdamW eps (not stated: PyTorch default)
     eval_every: int = 10  # evaluate every N epochs: also the resolution of Time Gap
     stop_at: float | None = None  # target phases stop once test acc reaches this (paper: train all epochs)
+    precision: str = "float32"  # float32 (the paper's), tf32 (TF32 matmuls on CUDA), bf16 (autocast)
+    # --- grid search (appendix A.3, DESIGN.md): --grid trains every (init scale, lr, wd) below for one
+    # target phase and picks the point that first reaches grid_stop_at test accuracy
+    grid: bool = False  # run the grid instead of the phases; writes grid.csv, grid.json, grid.png
+    grid_phase: str = "groktransfer"  # groktransfer (trains the weak model first, or --weak_embedding) or scratch
+    grid_init_scales: list[float] = field(default_factory=lambda: list(common.PAPER_GRID["init_scales"]))  # 0.05, 0.1..1.5
+    grid_lrs: list[float] = field(default_factory=lambda: list(common.PAPER_GRID["lrs"]))  # 1e-4 .. 1.0, 8 values
+    grid_wds: list[float] = field(default_factory=lambda: list(common.PAPER_GRID["wds"]))  # 1e-4 .. 5, 9 values
+    grid_stop_at: float = 0.99  # selection threshold: "first to reach 99% test acc" (Fig 1b and 2: 0.9)
+    members: int = 0  # grid points trained at once as members of one model; 0 = as many as fit in memory
+    shard: str = ""  # i/n: run points i, i+n, i+2n, ... of the grid (one job of a job array)
+    merge: list[str] = field(default_factory=list)  # shard run directories: combine their grid.csv, then stop
     # --- runtime
     phases: str = "weak,groktransfer,scratch"  # which phases to run, comma-separated, in this order
     seed: int = 0  # model init seed (the split uses data_seed)
@@ -124,6 +136,22 @@ def check(cfg: Config):
     n = cfg.p * (cfg.p - 1 if cfg.op == "div" else cfg.p)
     if round(cfg.train_frac * n) in (0, n):
         raise ConfigError(f"train_frac {cfg.train_frac} leaves an empty train or test set for {n} pairs")
+    if cfg.grid or cfg.merge:
+        if cfg.grid and cfg.merge:
+            raise ConfigError("--grid runs a grid and --merge combines finished shards; give one of them")
+        if cfg.seeds != 1:
+            raise ConfigError("a grid trains one seed per point; leave seeds at 1 (use seed to pick it)")
+        for key in ("grid_init_scales", "grid_lrs", "grid_wds"):
+            values = getattr(cfg, key)
+            if not values or any(v <= 0 for v in values):
+                raise ConfigError(f"{key} must be a non-empty list of positive numbers, got {values}")
+        if not 0 < cfg.grid_stop_at <= 1:
+            raise ConfigError(f"grid_stop_at must be in (0, 1], got {cfg.grid_stop_at}")
+    elif cfg.shard:
+        raise ConfigError("shard needs --grid")
+    if cfg.members < 0:
+        raise ConfigError(f"members must be >= 0 (0 = automatic), got {cfg.members}")
+    common.parse_shard(cfg.shard)
     common.pick_device(cfg.device)
 
 
@@ -196,8 +224,68 @@ def target_model(cfg, seeds, init_scale, device, weak=None):
 # =============================================================================
 
 
+GRID_PHASES = ("groktransfer", "scratch")
+
+
+def grid_search(cfg, run, data, device, weak=None):
+    """--grid: every (init scale, lr, wd) of the config's lists for the target phase cfg.grid_phase,
+    trained to cfg.grid_stop_at test accuracy or cfg.epochs; grid.csv grows after every batch."""
+    points = common.grid_points(cfg.grid_init_scales, cfg.grid_lrs, cfg.grid_wds)
+    shard_i, shard_n = common.parse_shard(cfg.shard)
+    mine = points[shard_i::shard_n]
+    meta = dict(experiment="modular", op=cfg.op, p=cfg.p, train_frac=cfg.train_frac, data_seed=cfg.data_seed,
+                seed=cfg.seed, phase=cfg.grid_phase, threshold=cfg.grid_stop_at, epochs=cfg.epochs,
+                eval_every=cfg.eval_every, betas=[cfg.beta1, cfg.beta2], adam_eps=cfg.adam_eps,
+                precision=cfg.precision, d_embed=cfg.d_embed, width=cfg.width,
+                weak=cfg.weak_embedding or (dict(d_embed=cfg.weak_d_embed, width=cfg.weak_width,
+                                                 epochs=cfg.weak_epochs, transfer_at=cfg.transfer_at,
+                                                 init_scale=cfg.weak_init_scale, lr=cfg.weak_lr, wd=cfg.weak_wd)
+                                            if cfg.grid_phase == "groktransfer" else None),
+                init_scales=cfg.grid_init_scales, lrs=cfg.grid_lrs, wds=cfg.grid_wds, n_points=len(points))
+
+    def build(init_scales):
+        return target_model(cfg, [cfg.seed] * len(init_scales), init_scales, device,
+                            weak=weak if cfg.grid_phase == "groktransfer" else None)
+
+    def save(rows):
+        common.write_grid(run / "grid.csv", rows)
+
+    print(f"[grid] {cfg.grid_phase}: {len(mine)} of {len(points)} points (shard {shard_i}/{shard_n}), "
+          f"stop at {cfg.grid_stop_at:.0%} test acc or {cfg.epochs} epochs")
+    rows, K = common.run_grid(mine, build, data, epochs=cfg.epochs, threshold=cfg.grid_stop_at,
+                              members=cfg.members, on_batch=save, quiet=cfg.quiet, betas=(cfg.beta1, cfg.beta2),
+                              eps=cfg.adam_eps, eval_every=cfg.eval_every, precision=cfg.precision)
+    return finish_grid(run, rows, dict(meta, shard=f"{shard_i}/{shard_n}", members=K, n_points_run=len(mine)), cfg)
+
+
+def finish_grid(run, rows, meta, cfg):
+    """grid.csv, grid.json (the settings, the best point) and the heatmap grid.png."""
+    best = common.best_point(rows)
+    common.write_grid(run / "grid.csv", rows)
+    common.save_json(dict(meta, best=best), run / "grid.json")
+    png = common.plot_grid(rows, run / "grid.png", title=f"{meta['phase']} grid, {meta['op']} mod {meta['p']}")
+    paper = SETTINGS.get(meta["op"], SETTINGS["add"])["gt" if meta["phase"] == "groktransfer" else "scratch"]
+    if best is None:
+        print(f"[grid] no point reached {meta['threshold']:.0%} test accuracy")
+    else:
+        sel = common.selection_key(rows)
+        print(f"[grid] best point: init {best['init_scale']:g}  lr {best['lr']:g}  wd {best['wd']:g}  "
+              f"reaches {meta['threshold']:.0%} at epoch {best[sel]}  (this script's default {paper})")
+    print(f"wrote {run / 'grid.csv'}, {run / 'grid.json'} and {png}")
+    return run
+
+
 def main(argv=None):
-    cfg = resolve(common.config_or_exit(Config(), argv, {"op": OPS}, check))
+    cfg = resolve(common.config_or_exit(Config(), argv, {"op": OPS, "grid_phase": GRID_PHASES,
+                                                         "precision": common.PRECISIONS}, check))
+    if cfg.merge:  # combine shard outputs; nothing is trained
+        try:
+            rows, meta = common.merge_grids(cfg.merge)
+            run = common.run_dir("modular", cfg.name, cfg.out)
+        except ConfigError as e:
+            common.fail(str(e))
+        print(f"merging {len(cfg.merge)} shards: {len(rows)} points")
+        return finish_grid(run, rows, dict(meta, merged_from=[str(d) for d in cfg.merge]), cfg)
     try:
         weak_loaded = load_weak_embedding(cfg.weak_embedding, cfg.p, cfg.seeds) if cfg.weak_embedding else None
         run = common.run_dir("modular", cfg.name, cfg.out)
@@ -207,11 +295,15 @@ def main(argv=None):
     common.set_seed(cfg.seed, cfg.deterministic)
     common.save_config(cfg, run / "config.yaml")
     phases = [s.strip() for s in cfg.phases.split(",") if s.strip()]
-    print(f"run directory {run}  device {device}  {cfg.op} mod {cfg.p}  phases {', '.join(phases)}")
+    if cfg.grid:  # the weak phase only when the grid is over GrokTransfer targets and no embedding was given
+        phases = ["weak"] if cfg.grid_phase == "groktransfer" and weak_loaded is None else []
+    print(f"run directory {run}  device {device}  {cfg.op} mod {cfg.p}  "
+          + (f"grid over {cfg.grid_phase}" if cfg.grid else f"phases {', '.join(phases)}"))
 
     data = make_data(cfg.op, cfg.p, cfg.train_frac, cfg.data_seed, device)
     seeds = [cfg.seed + i for i in range(cfg.seeds)]  # one member per seed
-    opt = dict(betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, eval_every=cfg.eval_every, quiet=cfg.quiet)
+    opt = dict(betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, eval_every=cfg.eval_every, quiet=cfg.quiet,
+               precision=cfg.precision)
     summary = dict(device=str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
                    op=cfg.op, p=cfg.p, n_train=len(data["y_train"]), n_test=len(data["y_test"]), phases={})
     rows, models = [], {}
@@ -267,6 +359,9 @@ def main(argv=None):
         hist = common.train(model, data, epochs=cfg.epochs, lr=cfg.scratch_lr, wd=cfg.scratch_wd,
                             stop_at=cfg.stop_at, desc="scratch", **opt)
         finish("scratch", model, hist)
+
+    if cfg.grid:
+        return grid_search(cfg, run, data, device, weak)
 
     common.save_atomic(models, run / "models.pt")
     png = common.plot_dynamics(run, title=f"a {'+-*/'[OPS.index(cfg.op)]} b mod {cfg.p}")

@@ -332,3 +332,109 @@ def test_panel_note_lists_each_members_time_gap():
     m[:, 1, 1], m[:, 1, 3] = [0, 1, 1, 1], [0, 0, 0, 0.5]  # never
     assert common.panel_note(ep, m[:, :1]) == "Time Gap 10"
     assert common.panel_note(ep, m) == "Time Gap per member: 10, -"
+
+
+# ----------------------------------------------------------------------------- list config, grid search
+
+
+@dataclass
+class GridCfg:
+    lrs: list[float] = None
+    dirs: list[str] = None
+    seed: int = 0
+
+
+def test_list_config_fields_take_yaml_lists_commas_and_several_values(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("lrs: [1e-3, 0.5]\ndirs: [a, b]\n")
+    assert common.parse_config(GridCfg(), ["--config", str(f)]).lrs == [1e-3, 0.5]
+    cfg = common.parse_config(GridCfg(), ["--lrs", "1e-4", "2", "--dirs", "x", "y", "z", "--seed", "3"])
+    assert cfg.lrs == [1e-4, 2.0] and cfg.dirs == ["x", "y", "z"] and cfg.seed == 3
+    assert common.parse_config(GridCfg(), ["--lrs=1e-2,0.1"]).lrs == [1e-2, 0.1]
+    with pytest.raises(ConfigError, match="'lrs' expects float"):
+        common.parse_config(GridCfg(), ["--lrs", "1e-3", "fast"])
+
+
+def test_grid_points_and_shards():
+    points = common.grid_points(**common.PAPER_GRID)
+    assert len(points) == 16 * 8 * 9 == 1152
+    assert [p["point"] for p in points] == list(range(1152))
+    assert (points[0]["init_scale"], points[0]["lr"], points[0]["wd"]) == (0.05, 1e-4, 1e-4)
+    assert (points[1]["wd"], points[9]["lr"], points[72]["init_scale"]) == (1e-3, 5e-4, 0.1)  # wd fastest
+    assert {(p["init_scale"], p["lr"], p["wd"]) for p in points} == {
+        (c, l, w) for c in common.PAPER_GRID["init_scales"] for l in common.PAPER_GRID["lrs"] for w in common.PAPER_GRID["wds"]}
+    assert common.parse_shard("") == (0, 1) and common.parse_shard("2/5") == (2, 5)
+    for bad in ("5/5", "-1/3", "1", "a/b", "1/0"):
+        with pytest.raises(ConfigError, match="shard"):
+            common.parse_shard(bad)
+    shards = [points[i::3] for i in range(3)]
+    assert sorted(p["point"] for s in shards for p in s) == list(range(1152))
+
+
+def test_compacting_frozen_members_changes_nothing_but_the_cost():
+    """train(compact=True) drops members once half have stopped; the history must be the same."""
+    data = _data()
+    data = dict(data, x_test=data["x_train"], y_test=data["y_train"])  # a reachable stop_at
+    lrs = [5e-2, 3e-2, 2e-2, 1e-4]  # the last one never reaches 0.9
+    runs = []
+    for compact in (False, True):
+        model = common.token_mlp(13, 2, 4, [32], 13, 1.0, [0, 1, 2, 3])
+        runs.append((model, common.train(model, data, epochs=200, lr=lrs, wd=0.0, eval_every=5, stop_at=0.9,
+                                         quiet=True, compact=compact)))
+    (full, a), (small, b) = runs
+    assert (a["stop_epoch"][:3] > 0).all() and a["stop_epoch"][3] == -1
+    np.testing.assert_array_equal(a["stop_epoch"], b["stop_epoch"])
+    np.testing.assert_array_equal(a["epochs"], b["epochs"])
+    np.testing.assert_allclose(a["metrics"], b["metrics"], rtol=1e-4, atol=1e-5)
+    assert common.n_members(full) == 4 and common.n_members(small) == 1  # only the unfinished one is left
+    for pf, ps in zip(full.parameters(), small.parameters()):
+        torch.testing.assert_close(pf[3:], ps, rtol=1e-4, atol=1e-5)
+
+
+def _tiny_grid(**kw):
+    data = _data()
+    data = dict(data, x_test=data["x_train"], y_test=data["y_train"])
+    points = common.grid_points([1.0, 0.5], [3e-2, 1e-4, 1e30], [0.0])  # lr 1e-4: too slow; 1e30: blows up
+
+    def build(scales):
+        return common.token_mlp(13, 2, 4, [32], 13, scales, [0] * len(scales))
+    return common.run_grid(points, build, data, epochs=150, threshold=0.9, eval_every=5, quiet=True, **kw)
+
+
+def test_grid_marks_diverged_points_and_keeps_the_others_running():
+    rows, K = _tiny_grid(members=6)
+    assert K == 6 and [r["point"] for r in rows] == list(range(6))
+    status = {(r["init_scale"], r["lr"]): r["status"] for r in rows}
+    assert status[(1.0, 1e30)] == status[(0.5, 1e30)] == "diverged"
+    assert status[(1.0, 3e-2)] == "reached" and status[(1.0, 1e-4)] == "not_reached"
+    for r in rows:
+        if r["status"] == "reached":
+            assert r["first_epoch_test_90"] == r["epochs_run"] and r["final_test_acc"] >= 0.9
+        if r["status"] == "not_reached":
+            assert r["first_epoch_test_90"] is None and r["epochs_run"] == 150
+    # the same points trained one at a time give the same table
+    alone, _ = _tiny_grid(members=1)
+    for r, s in zip(rows, alone):
+        assert (r["status"], r["first_epoch_test_90"], r["epochs_run"]) == (s["status"], s["first_epoch_test_90"], s["epochs_run"])
+
+
+def test_best_point_grid_csv_round_trip_and_heatmap(tmp_path):
+    rows, _ = _tiny_grid(members=3)
+    best = common.best_point(rows)
+    reached = [r for r in rows if r["status"] == "reached"]
+    assert best["first_epoch_test_90"] == min(r["first_epoch_test_90"] for r in reached)
+    common.write_grid(tmp_path / "grid.csv", rows)
+    back = common.read_grid(tmp_path / "grid.csv")
+    assert back == sorted(rows, key=lambda r: r["point"])
+    assert common.plot_grid(back, tmp_path / "grid.png", "t").stat().st_size > 1000
+    none = [dict(r, status="not_reached", first_epoch_test_90=None) for r in rows]
+    assert common.best_point(none) is None
+    assert common.plot_grid(none, tmp_path / "none.png", "t").is_file()  # nothing reached: still a figure
+
+
+def test_best_point_breaks_ties_by_test_loss_then_point():
+    base = dict(init_scale=1.0, lr=1e-3, wd=1.0, first_epoch_test_99=50, first_epoch_train_95=10,
+                first_epoch_test_95=40, time_gap=30, final_train_acc=1.0, final_test_acc=0.99, epochs_run=50, status="reached")
+    rows = [dict(base, point=0, final_test_loss=0.3), dict(base, point=1, final_test_loss=0.1),
+            dict(base, point=2, final_test_loss=0.1), dict(base, point=3, final_test_loss=0.0, first_epoch_test_99=60)]
+    assert common.best_point(rows)["point"] == 1

@@ -197,3 +197,59 @@ def test_seeds_run_as_members_and_match_single_seed_runs(tmp_path):
         alone = common.read_metrics(tmp_path / f"s{seed}" / "metrics.csv")
         for phase in ("weak", "groktransfer", "scratch"):
             np.testing.assert_allclose(both[phase]["metrics"][:, seed], alone[phase]["metrics"][:, 0], rtol=1e-4, atol=1e-5)
+
+
+GRID = ["--config", str(SMOKE), "--device", "cpu", "--grid", "--grid_phase", "scratch", "--grid_init_scales", "0.5", "1",
+        "--grid_lrs", "1e-2", "3e-2", "--grid_wds", "1", "3", "--grid_stop_at", "0.9", "--quiet"]
+
+
+def test_grid_shards_merge_into_the_unsharded_grid(tmp_path):
+    """Two shards and --merge give the same grid.csv as one run; one point per batch (members 1) so
+    every point is computed the same way in both."""
+    r = run_script(*GRID, "--members", "1", "--out", str(tmp_path / "all"))
+    assert r.returncode == 0, r.stderr
+    for i in (0, 1):
+        r = run_script(*GRID, "--members", "1", "--shard", f"{i}/2", "--out", str(tmp_path / f"s{i}"))
+        assert r.returncode == 0, r.stderr
+        assert [row["point"] for row in common.read_grid(tmp_path / f"s{i}" / "grid.csv")] == [i, i + 2, i + 4, i + 6]
+    r = run_script("--merge", str(tmp_path / "s0"), str(tmp_path / "s1"), "--out", str(tmp_path / "merged"))
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "merged" / "grid.csv").read_text() == (tmp_path / "all" / "grid.csv").read_text()
+    rows = common.read_grid(tmp_path / "all" / "grid.csv")
+    assert len(rows) == 8 and {r["status"] for r in rows} >= {"reached", "not_reached"}  # the grid discriminates
+    meta, merged = (json.loads((tmp_path / d / "grid.json").read_text()) for d in ("all", "merged"))
+    assert meta["best"] == merged["best"] == common.best_point(rows) and meta["n_points"] == 8
+    assert (meta["phase"], meta["threshold"], meta["lrs"]) == ("scratch", 0.9, [1e-2, 3e-2])
+    assert (tmp_path / "all" / "grid.png").is_file() and (tmp_path / "merged" / "grid.png").is_file()
+    # an incomplete set of shards, or a shard given twice, is refused
+    r = run_script("--merge", str(tmp_path / "s0"), "--out", str(tmp_path / "part"))
+    assert r.returncode == 2 and "4 of 8 grid points" in r.stderr and not (tmp_path / "part").exists()
+    r = run_script("--merge", str(tmp_path / "s0"), str(tmp_path / "s0"), "--out", str(tmp_path / "twice"))
+    assert r.returncode == 2 and "in both" in r.stderr
+
+
+def test_grid_over_groktransfer_trains_the_weak_model_first(tmp_path):
+    out = tmp_path / "gt"
+    r = run_script("--config", str(SMOKE), "--device", "cpu", "--grid", "--grid_init_scales", "0.3",
+                   "--grid_lrs", "1e-2", "--grid_wds", "1", "2", "--epochs", "50", "--quiet", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert (out / "embedding.pt").is_file()
+    assert list(json.loads((out / "summary.json").read_text())["phases"]) == ["weak"]
+    rows = common.read_grid(out / "grid.csv")
+    assert [(r["init_scale"], r["lr"], r["wd"]) for r in rows] == [(0.3, 1e-2, 1.0), (0.3, 1e-2, 2.0)]
+    assert json.loads((out / "grid.json").read_text())["weak"]["epochs"] == yaml.safe_load(SMOKE.read_text())["weak_epochs"]
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--grid", "--shard", "2/2"], "0 <= i < n"),
+    (["--shard", "0/2"], "shard needs --grid"),
+    (["--grid", "--seeds", "2"], "one seed per point"),
+    (["--grid", "--grid_lrs", "0.1", "-1"], "grid_lrs must be"),
+    (["--grid", "--grid_phase", "weak"], "'grid_phase' must be one of"),
+    (["--grid", "--members", "-1"], "members must be >= 0"),
+    (["--merge", "nowhere"], "no grid.csv and grid.json in nowhere"),
+])
+def test_bad_grid_input_exits_2(tmp_path, args, words):
+    r = run_script("--config", str(SMOKE), "--out", str(tmp_path / "run"), *args, cwd=tmp_path)
+    assert r.returncode == 2 and words in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert not (tmp_path / "run").exists()
