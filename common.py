@@ -298,6 +298,10 @@ class Embedding(nn.Module):
     def table(self) -> torch.Tensor:
         return self.weight  # (K, V, d)
 
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """Dense input x (n, V) -> (K, n, d): the embedding as a bias-free linear first layer."""
+        return torch.matmul(x, self.weight)
+
 
 class FactoredEmbedding(nn.Module):
     """GrokTransfer's embedding E = A @ B (paper Section 2.2), both factors trainable.
@@ -383,6 +387,54 @@ def token_mlp(vocab: int, n_tokens: int, d_embed: int, widths: list[int], n_out:
     return TokenMLP(embed, weights)
 
 
+class DenseMLP(nn.Module):
+    """K bias-free ReLU MLPs on dense inputs x (n, d_in) (parity, MNIST).
+
+    With an embedding: f(x) = W_L relu(... relu(W_1 (x E))), E (d_in x d_embed) linear, as the token
+    embedding of TokenMLP (for one-hot x the two are the same model); E may be FactoredEmbedding
+    (x A B). Without one, f(x) = W_L relu(... relu(W_1 x)) and W_1 is the first layer that a weak
+    model hands over as A.
+    """
+
+    def __init__(self, embed: nn.Module | None, weights: list[torch.Tensor]):
+        super().__init__()
+        self.embed = embed
+        self.layers = nn.ParameterList([nn.Parameter(w) for w in weights])  # each (K, in, out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        K = self.layers[0].shape[0]
+        h = self.embed.project(x) if self.embed is not None else x.expand(K, -1, -1)  # (K, n, d)
+        for i, w in enumerate(self.layers):
+            h = torch.bmm(h, w)
+            if i < len(self.layers) - 1:
+                h = torch.relu(h)
+        return h  # (K, n, n_out)
+
+
+def dense_mlp(d_in: int, d_embed: int | None, widths: list[int], n_out: int, init_scales, seeds,
+              weak: torch.Tensor | None = None) -> DenseMLP:
+    """Build K DenseMLP members, member k from Generator(seeds[k]) (embedding first, then layers).
+
+    d_embed None: no embedding, layers d_in -> widths -> n_out. Otherwise a linear embedding d_in ->
+    d_embed, drawn like a default nn.Linear(d_in, d_embed) times init_scale (a dense input needs the
+    fan-in scaling that N(0, 1) token tables do not), or, with `weak` (d_in, r) or (K, d_in, r) given,
+    FactoredEmbedding(A = weak, B random) as in token_mlp.
+    """
+    K = len(seeds)
+    scales = _per_member(init_scales, K)
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    embed, first = None, d_in
+    if d_embed is not None:
+        if weak is None:
+            embed = Embedding(torch.stack([linear_init(g, d_in, (d_in, d_embed), c) for g, c in zip(gens, scales)]))
+        else:
+            embed = factored_embedding(weak, d_in, d_embed, scales, [s + 10_000_019 for s in seeds])
+        first = d_embed
+    sizes = [first, *widths, n_out]
+    weights = [torch.stack([linear_init(g, i, (i, o), c) for g, c in zip(gens, scales)]) for i, o in zip(sizes[:-1], sizes[1:])]
+    return DenseMLP(embed, weights)
+
+
 def n_members(model: nn.Module) -> int:
     return next(model.parameters()).shape[0]
 
@@ -404,6 +456,16 @@ def cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 def accuracy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (logits.argmax(-1) == y).float().mean(1)
+
+
+def logistic_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Binary labels y = ±1 (n,), one logit per point (K, n, 1): mean log(1 + exp(-y f)) per member."""
+    return F.softplus(-y * logits.squeeze(-1).float()).mean(1)
+
+
+def sign_accuracy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Fraction with sign(f) == y (f = 0 counts as wrong)."""
+    return (torch.sign(logits.squeeze(-1)) == y).float().mean(1)
 
 
 # -----------------------------------------------------------------------------
@@ -738,7 +800,7 @@ def auto_members(build, data, n_points: int, cap: int = 256, headroom: float = 0
             torch.cuda.reset_peak_memory_stats(device)
             base = torch.cuda.memory_allocated(device)
             model = build([1.0] * k)
-            train(model, data, epochs=2, lr=0.0, wd=0.0, eval_every=1, quiet=True, **train_kw)
+            train(model, data, epochs=2, lr=0.0, wd=0.0, quiet=True, **{**train_kw, "eval_every": 1})
             peaks.append(torch.cuda.max_memory_allocated(device) - base)
             del model
         per = max(peaks[1] - peaks[0], 1)
@@ -867,6 +929,80 @@ def merge_grids(dirs: list[str]) -> tuple[list[dict], dict]:
     if missing:
         raise ConfigError(f"the shards hold {len(rows)} of {meta['n_points']} grid points; {missing} missing")
     return sorted(rows, key=lambda r: r["point"]), meta
+
+
+GRID_PHASES = ("groktransfer", "scratch")
+
+
+def check_grid(cfg):
+    """Validate the grid keys every exp_*.py with --grid shares (ConfigError on bad input)."""
+    if cfg.grid or cfg.merge:
+        if cfg.grid and cfg.merge:
+            raise ConfigError("--grid runs a grid and --merge combines finished shards; give one of them")
+        if cfg.seeds != 1:
+            raise ConfigError("a grid trains one seed per point; leave seeds at 1 (use seed to pick it)")
+        for key in ("grid_init_scales", "grid_lrs", "grid_wds"):
+            values = getattr(cfg, key)
+            if not values or any(v <= 0 for v in values):
+                raise ConfigError(f"{key} must be a non-empty list of positive numbers, got {values}")
+        if not 0 < cfg.grid_stop_at <= 1:
+            raise ConfigError(f"grid_stop_at must be in (0, 1], got {cfg.grid_stop_at}")
+    elif cfg.shard:
+        raise ConfigError("shard needs --grid")
+    if cfg.members < 0:
+        raise ConfigError(f"members must be >= 0 (0 = automatic), got {cfg.members}")
+    parse_shard(cfg.shard)
+
+
+def grid_main(cfg, run: Path, data: dict, build, meta: dict, default=None, title: str = "", **train_kw) -> Path:
+    """--grid in a script: every (init scale, lr, wd) of cfg's grid lists (this shard's share) for the
+    phase cfg.grid_phase, built by build(init_scales), trained to cfg.grid_stop_at test accuracy or
+    cfg.epochs with the script's AdamW settings; writes grid.csv (after every batch), grid.json, grid.png.
+    meta: what else the grid depends on (task, sizes, weak model), recorded in grid.json and compared
+    by --merge. default: the script's own (init, lr, wd) for this phase, printed beside the best point.
+    train_kw: passed to train (loss_fn, acc_fn)."""
+    points = grid_points(cfg.grid_init_scales, cfg.grid_lrs, cfg.grid_wds)
+    i, n = parse_shard(cfg.shard)
+    mine = points[i::n]
+    meta = dict(meta, phase=cfg.grid_phase, threshold=cfg.grid_stop_at, epochs=cfg.epochs, eval_every=cfg.eval_every,
+                betas=[cfg.beta1, cfg.beta2], adam_eps=cfg.adam_eps, precision=cfg.precision, seed=cfg.seed,
+                init_scales=cfg.grid_init_scales, lrs=cfg.grid_lrs, wds=cfg.grid_wds, n_points=len(points))
+    print(f"[grid] {cfg.grid_phase}: {len(mine)} of {len(points)} points (shard {i}/{n}), "
+          f"stop at {cfg.grid_stop_at:.0%} test acc or {cfg.epochs} epochs")
+    rows, K = run_grid(mine, build, data, epochs=cfg.epochs, threshold=cfg.grid_stop_at, members=cfg.members,
+                       on_batch=lambda rows: write_grid(run / "grid.csv", rows), quiet=cfg.quiet,
+                       betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, eval_every=cfg.eval_every,
+                       precision=cfg.precision, **train_kw)
+    return finish_grid(run, rows, dict(meta, shard=f"{i}/{n}", members=K, n_points_run=len(mine)), default, title)
+
+
+def merge_main(cfg, experiment: str, title=None) -> Path:
+    """--merge DIR ...: combine shard outputs into cfg's run directory; exits 2 on bad shards.
+    title(meta) -> the heatmap's title, from the shards' own settings."""
+    try:
+        rows, meta = merge_grids(cfg.merge)
+        run = run_dir(experiment, cfg.name, cfg.out)
+    except ConfigError as e:
+        fail(str(e))
+    print(f"merging {len(cfg.merge)} shards: {len(rows)} points")
+    return finish_grid(run, rows, dict(meta, merged_from=[str(d) for d in cfg.merge]),
+                       title=title(meta) if title else "")
+
+
+def finish_grid(run: Path, rows: list[dict], meta: dict, default=None, title: str = "") -> Path:
+    """grid.csv, grid.json (the settings and the best point) and the heatmap grid.png."""
+    best = best_point(rows)
+    write_grid(run / "grid.csv", rows)
+    save_json(dict(meta, best=best), run / "grid.json")
+    png = plot_grid(rows, run / "grid.png", title=f"{meta['phase']} grid{', ' + title if title else ''}")
+    if best is None:
+        print(f"[grid] no point reached {meta['threshold']:.0%} test accuracy")
+    else:
+        print(f"[grid] best point: init {best['init_scale']:g}  lr {best['lr']:g}  wd {best['wd']:g}  reaches "
+              f"{meta['threshold']:.0%} at epoch {best[selection_key(rows)]}"
+              + (f"  (the script's default: {default})" if default is not None else ""))
+    print(f"wrote {run / 'grid.csv'}, {run / 'grid.json'} and {png}")
+    return run
 
 
 def plot_grid(rows: list[dict], out: Path, title: str = "") -> Path:

@@ -136,22 +136,7 @@ def check(cfg: Config):
     n = cfg.p * (cfg.p - 1 if cfg.op == "div" else cfg.p)
     if round(cfg.train_frac * n) in (0, n):
         raise ConfigError(f"train_frac {cfg.train_frac} leaves an empty train or test set for {n} pairs")
-    if cfg.grid or cfg.merge:
-        if cfg.grid and cfg.merge:
-            raise ConfigError("--grid runs a grid and --merge combines finished shards; give one of them")
-        if cfg.seeds != 1:
-            raise ConfigError("a grid trains one seed per point; leave seeds at 1 (use seed to pick it)")
-        for key in ("grid_init_scales", "grid_lrs", "grid_wds"):
-            values = getattr(cfg, key)
-            if not values or any(v <= 0 for v in values):
-                raise ConfigError(f"{key} must be a non-empty list of positive numbers, got {values}")
-        if not 0 < cfg.grid_stop_at <= 1:
-            raise ConfigError(f"grid_stop_at must be in (0, 1], got {cfg.grid_stop_at}")
-    elif cfg.shard:
-        raise ConfigError("shard needs --grid")
-    if cfg.members < 0:
-        raise ConfigError(f"members must be >= 0 (0 = automatic), got {cfg.members}")
-    common.parse_shard(cfg.shard)
+    common.check_grid(cfg)
     common.pick_device(cfg.device)
 
 
@@ -224,68 +209,28 @@ def target_model(cfg, seeds, init_scale, device, weak=None):
 # =============================================================================
 
 
-GRID_PHASES = ("groktransfer", "scratch")
-
-
 def grid_search(cfg, run, data, device, weak=None):
-    """--grid: every (init scale, lr, wd) of the config's lists for the target phase cfg.grid_phase,
-    trained to cfg.grid_stop_at test accuracy or cfg.epochs; grid.csv grows after every batch."""
-    points = common.grid_points(cfg.grid_init_scales, cfg.grid_lrs, cfg.grid_wds)
-    shard_i, shard_n = common.parse_shard(cfg.shard)
-    mine = points[shard_i::shard_n]
+    """--grid: the target phase cfg.grid_phase over the grid of the config's lists (common.grid_main)."""
     meta = dict(experiment="modular", op=cfg.op, p=cfg.p, train_frac=cfg.train_frac, data_seed=cfg.data_seed,
-                seed=cfg.seed, phase=cfg.grid_phase, threshold=cfg.grid_stop_at, epochs=cfg.epochs,
-                eval_every=cfg.eval_every, betas=[cfg.beta1, cfg.beta2], adam_eps=cfg.adam_eps,
-                precision=cfg.precision, d_embed=cfg.d_embed, width=cfg.width,
+                d_embed=cfg.d_embed, width=cfg.width,
                 weak=cfg.weak_embedding or (dict(d_embed=cfg.weak_d_embed, width=cfg.weak_width,
                                                  epochs=cfg.weak_epochs, transfer_at=cfg.transfer_at,
                                                  init_scale=cfg.weak_init_scale, lr=cfg.weak_lr, wd=cfg.weak_wd)
-                                            if cfg.grid_phase == "groktransfer" else None),
-                init_scales=cfg.grid_init_scales, lrs=cfg.grid_lrs, wds=cfg.grid_wds, n_points=len(points))
+                                            if cfg.grid_phase == "groktransfer" else None))
 
     def build(init_scales):
         return target_model(cfg, [cfg.seed] * len(init_scales), init_scales, device,
                             weak=weak if cfg.grid_phase == "groktransfer" else None)
 
-    def save(rows):
-        common.write_grid(run / "grid.csv", rows)
-
-    print(f"[grid] {cfg.grid_phase}: {len(mine)} of {len(points)} points (shard {shard_i}/{shard_n}), "
-          f"stop at {cfg.grid_stop_at:.0%} test acc or {cfg.epochs} epochs")
-    rows, K = common.run_grid(mine, build, data, epochs=cfg.epochs, threshold=cfg.grid_stop_at,
-                              members=cfg.members, on_batch=save, quiet=cfg.quiet, betas=(cfg.beta1, cfg.beta2),
-                              eps=cfg.adam_eps, eval_every=cfg.eval_every, precision=cfg.precision)
-    return finish_grid(run, rows, dict(meta, shard=f"{shard_i}/{shard_n}", members=K, n_points_run=len(mine)), cfg)
-
-
-def finish_grid(run, rows, meta, cfg):
-    """grid.csv, grid.json (the settings, the best point) and the heatmap grid.png."""
-    best = common.best_point(rows)
-    common.write_grid(run / "grid.csv", rows)
-    common.save_json(dict(meta, best=best), run / "grid.json")
-    png = common.plot_grid(rows, run / "grid.png", title=f"{meta['phase']} grid, {meta['op']} mod {meta['p']}")
-    paper = SETTINGS.get(meta["op"], SETTINGS["add"])["gt" if meta["phase"] == "groktransfer" else "scratch"]
-    if best is None:
-        print(f"[grid] no point reached {meta['threshold']:.0%} test accuracy")
-    else:
-        sel = common.selection_key(rows)
-        print(f"[grid] best point: init {best['init_scale']:g}  lr {best['lr']:g}  wd {best['wd']:g}  "
-              f"reaches {meta['threshold']:.0%} at epoch {best[sel]}  (this script's default {paper})")
-    print(f"wrote {run / 'grid.csv'}, {run / 'grid.json'} and {png}")
-    return run
+    default = SETTINGS.get(cfg.op, SETTINGS["add"])["gt" if cfg.grid_phase == "groktransfer" else "scratch"]
+    return common.grid_main(cfg, run, data, build, meta, default=default, title=f"{cfg.op} mod {cfg.p}")
 
 
 def main(argv=None):
-    cfg = resolve(common.config_or_exit(Config(), argv, {"op": OPS, "grid_phase": GRID_PHASES,
+    cfg = resolve(common.config_or_exit(Config(), argv, {"op": OPS, "grid_phase": common.GRID_PHASES,
                                                          "precision": common.PRECISIONS}, check))
     if cfg.merge:  # combine shard outputs; nothing is trained
-        try:
-            rows, meta = common.merge_grids(cfg.merge)
-            run = common.run_dir("modular", cfg.name, cfg.out)
-        except ConfigError as e:
-            common.fail(str(e))
-        print(f"merging {len(cfg.merge)} shards: {len(rows)} points")
-        return finish_grid(run, rows, dict(meta, merged_from=[str(d) for d in cfg.merge]), cfg)
+        return common.merge_main(cfg, "modular", title=lambda meta: f"{meta['op']} mod {meta['p']}")
     try:
         weak_loaded = load_weak_embedding(cfg.weak_embedding, cfg.p, cfg.seeds) if cfg.weak_embedding else None
         run = common.run_dir("modular", cfg.name, cfg.out)

@@ -1,0 +1,235 @@
+"""GrokTransfer on (q, k)-sparse parity, FNN -> FNN (paper Fig 17c).
+
+Inputs x in {±1}^q, label y = prod_{i in S} x_i, |S| = k (default (40, 3), S = {1, 2, 3}); n = 1000
+training points and a fresh test sample; logistic loss on labels ±1, accuracy from the sign.
+Trains, in order, on one training set:
+  1. weak:         a three-layer FNN of width 16 (q -> 16 -> 16 -> 1), stopped when its test accuracy
+                   first reaches 70%; its first layer (q x 16) is the transferred "embedding";
+  2. groktransfer: the target, a three-layer FNN of width 512 on a 128-dim embedding x A B, with
+                   A = the weak first layer and B (16 x 128) random, both trainable;
+  3. scratch:      the same target with a plain q x 128 embedding.
+and writes runs/parity/<name>/: config.yaml, metrics.csv, summary.json, dynamics.png, embedding.pt, models.pt.
+
+Usage:
+  python exp_parity.py                     # the paper's Fig 17c setting
+  python exp_parity.py --seeds 5           # five seeds as members of one run
+  python exp_parity.py --grid --grid_phase scratch   # the appendix's grid for one target phase
+  python exp_parity.py --config configs/smoke/parity.yaml --device cpu   # a tiny run (the tests')
+Every config key below is also a flag (--key value).
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+
+import torch
+
+import common
+from common import ConfigError
+
+PHASES = ("weak", "groktransfer", "scratch")
+
+
+@dataclass
+class Config:
+    # --- task (appendix A.3.3: "(40, 3)-parity ... sample size n = 1000")
+    q: int = 40  # input dimension
+    k: int = 3  # parity order |S|
+    support: list[int] = field(default_factory=list)  # S, 1-based coordinates; empty = the first k ({1, 2, 3})
+    n: int = 1000  # training points
+    n_test: int = 2000  # fresh test points (not stated in the paper)
+    data_seed: int = 0  # seed of the training set and the test sample
+    # --- weak model: three-layer FNN, width 16 (appendix A.3.3); its first layer is the embedding
+    weak_width: int = 16
+    weak_epochs: int = 10_000  # at most; the weak phase stops at transfer_at
+    transfer_at: float = 0.7  # take the weak first layer when test acc first reaches this ("trained to 70%")
+    # (init scale, lr, wd) of the weak model: not stated in the paper. Ours, from a search (README,
+    # "Parity"): the setting whose weak model reaches 70% test accuracy soonest, after a memorisation
+    # plateau as in Fig 17c's first panel.
+    weak_init_scale: float = 1.0
+    weak_lr: float = 1e-2
+    weak_wd: float = 1.0
+    # --- target: three-layer FNN, width 512, d_embed 128 (appendix A.3.3)
+    d_embed: int = 128
+    width: int = 512
+    epochs: int = 10_000  # target epochs, both phases
+    gt_init_scale: float = 1.0  # not stated; ours (README, "Parity")
+    gt_lr: float = 1e-3  # paper
+    gt_wd: float = 1e-3  # paper
+    scratch_init_scale: float = 1.0  # not stated; ours (README, "Parity")
+    scratch_lr: float = 1e-2  # paper
+    scratch_wd: float = 1.0  # paper
+    # --- optimisation (AdamW, full batch; betas and eps not stated: PyTorch defaults)
+    beta1: float = 0.9
+    beta2: float = 0.999
+    adam_eps: float = 1e-8
+    eval_every: int = 10  # evaluate every N epochs: the resolution of Time Gap
+    stop_at: float | None = None  # target phases stop once test acc reaches this (paper: train all epochs)
+    precision: str = "float32"  # float32, tf32 (CUDA matmuls), bf16 (autocast)
+    # --- grid search (as exp_modular.py; README "Many runs at once")
+    grid: bool = False
+    grid_phase: str = "groktransfer"
+    grid_init_scales: list[float] = field(default_factory=lambda: list(common.PAPER_GRID["init_scales"]))
+    grid_lrs: list[float] = field(default_factory=lambda: list(common.PAPER_GRID["lrs"]))
+    grid_wds: list[float] = field(default_factory=lambda: list(common.PAPER_GRID["wds"]))
+    grid_stop_at: float = 0.99
+    members: int = 0  # grid points trained at once; 0 = as many as fit in memory
+    shard: str = ""  # i/n
+    merge: list[str] = field(default_factory=list)  # shard run directories to combine
+    # --- runtime
+    phases: str = "weak,groktransfer,scratch"  # which phases to run, in this order
+    seed: int = 0  # model init seed
+    seeds: int = 1  # seeds seed .. seed+N-1 as members of one run
+    device: str = "auto"
+    deterministic: bool = False
+    name: str = ""
+    out: str = ""
+    quiet: bool = False
+
+
+def check(cfg: Config):
+    for key in ("q", "k", "n", "n_test", "weak_width", "weak_epochs", "d_embed", "width", "epochs", "eval_every", "seeds"):
+        if getattr(cfg, key) <= 0:
+            raise ConfigError(f"{key} must be positive, got {getattr(cfg, key)}")
+    if cfg.k > cfg.q:
+        raise ConfigError(f"k must be <= q, got k = {cfg.k}, q = {cfg.q}")
+    if cfg.support:
+        if len(cfg.support) != cfg.k or len(set(cfg.support)) != cfg.k or not all(1 <= i <= cfg.q for i in cfg.support):
+            raise ConfigError(f"support must be {cfg.k} distinct coordinates in 1..{cfg.q}, got {cfg.support}")
+    for key in ("transfer_at", "stop_at"):
+        v = getattr(cfg, key)
+        if v is not None and not 0 < v <= 1:
+            raise ConfigError(f"{key} must be in (0, 1], got {v}")
+    for key in ("weak_init_scale", "weak_lr", "gt_init_scale", "gt_lr", "scratch_init_scale", "scratch_lr"):
+        if getattr(cfg, key) <= 0:
+            raise ConfigError(f"{key} must be positive, got {getattr(cfg, key)}")
+    phases = [s.strip() for s in cfg.phases.split(",") if s.strip()]
+    if not phases or any(s not in PHASES for s in phases):
+        raise ConfigError(f"phases must be a comma-separated subset of {', '.join(PHASES)}; got '{cfg.phases}'")
+    if "groktransfer" in phases and "weak" not in phases:
+        raise ConfigError("phase 'groktransfer' needs the 'weak' phase")
+    common.check_grid(cfg)
+    common.pick_device(cfg.device)
+
+
+# =============================================================================
+# EXPERIMENT LOGIC: data, weak model, transfer, target. Edit here to try an idea.
+
+
+def make_data(q: int, support: list[int], n: int, n_test: int, seed: int, device) -> dict:
+    """x uniform on {±1}^q, y = prod of x over the (1-based) support; training set, then a fresh test sample."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 2, (n + n_test, q), generator=gen).float() * 2 - 1
+    y = x[:, [i - 1 for i in support]].prod(1)
+    return {k: v.to(device) for k, v in dict(x_train=x[:n], y_train=y[:n], x_test=x[n:], y_test=y[n:]).items()}
+
+
+def weak_model(cfg, seeds, device):
+    """Three-layer FNN, width 16: W3 relu(W2 relu(W1 x)); W1 (q x 16) is what the target inherits."""
+    return common.dense_mlp(cfg.q, None, [cfg.weak_width, cfg.weak_width], 1, cfg.weak_init_scale, seeds).to(device)
+
+
+def target_model(cfg, seeds, init_scale, device, weak=None):
+    """Three-layer FNN, width 512, on the embedding x E (q x 128); E = A @ B when `weak` (A) is given."""
+    return common.dense_mlp(cfg.q, cfg.d_embed, [cfg.width, cfg.width], 1, init_scale, seeds, weak=weak).to(device)
+
+
+LOSS = dict(loss_fn=common.logistic_loss, acc_fn=common.sign_accuracy)
+
+
+# =============================================================================
+
+
+def main(argv=None):
+    cfg = common.config_or_exit(Config(), argv, {"grid_phase": common.GRID_PHASES, "precision": common.PRECISIONS}, check)
+    if cfg.merge:
+        return common.merge_main(cfg, "parity", title=lambda meta: f"({meta['q']}, {meta['k']})-parity")
+    try:
+        run = common.run_dir("parity", cfg.name, cfg.out)
+    except ConfigError as e:
+        common.fail(str(e))
+    device = common.pick_device(cfg.device)
+    common.set_seed(cfg.seed, cfg.deterministic)
+    common.save_config(cfg, run / "config.yaml")
+    support = cfg.support or list(range(1, cfg.k + 1))
+    phases = [s.strip() for s in cfg.phases.split(",") if s.strip()]
+    if cfg.grid:  # the weak phase only when the grid is over GrokTransfer targets
+        phases = ["weak"] if cfg.grid_phase == "groktransfer" else []
+    print(f"run directory {run}  device {device}  ({cfg.q}, {cfg.k})-parity on S = {support}  "
+          + (f"grid over {cfg.grid_phase}" if cfg.grid else f"phases {', '.join(phases)}"))
+
+    data = make_data(cfg.q, support, cfg.n, cfg.n_test, cfg.data_seed, device)
+    seeds = [cfg.seed + i for i in range(cfg.seeds)]
+    opt = dict(betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, eval_every=cfg.eval_every, quiet=cfg.quiet,
+               precision=cfg.precision, **LOSS)
+    summary = dict(device=str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+                   q=cfg.q, k=cfg.k, support=support, n_train=cfg.n, n_test=cfg.n_test, phases={})
+    rows, models = [], {}
+
+    def finish(phase, model, hist, extra=None):
+        rows.extend(common.history_rows(phase, hist))
+        common.write_metrics(run / "metrics.csv", rows)
+        summary["phases"][phase] = {**common.summarize(hist), **(extra or {})}
+        models[phase] = {k: v.cpu() for k, v in model.state_dict().items()}
+        common.save_json(summary, run / "summary.json")
+        final = hist["metrics"][-1]
+        print(f"[{phase}] done: epochs {hist['epochs_run']}  final train acc {final[:, 1].mean():.4f}  "
+              f"test acc {final[:, 3].mean():.4f}  {hist['wall_s']:.1f}s")
+        if hist["diverged"]:
+            common.plot_dynamics(run, title=f"({cfg.q}, {cfg.k})-parity")
+            common.fail(f"phase '{phase}' diverged (NaN/inf loss) at epoch {hist['failed_epoch'].min()}; "
+                        f"metrics so far are in {run}", status=1)
+
+    # 1. weak model, stopped when its test accuracy first reaches transfer_at; its first layer is A
+    weak = None
+    if "weak" in phases:
+        model = weak_model(cfg, seeds, device)
+        hist = common.train(model, data, epochs=cfg.weak_epochs, lr=cfg.weak_lr, wd=cfg.weak_wd,
+                            stop_at=cfg.transfer_at, desc="weak", **opt)
+        weak = model.layers[0].detach().cpu()  # (K, q, 16): member k froze at its own transfer epoch
+        stop = hist["stop_epoch"]
+        reached = bool((stop >= 0).all())
+        epoch_k = [int(e) if e >= 0 else hist["epochs_run"] for e in stop]
+        acc_k = [float(hist["metrics"][list(hist["epochs"]).index(e), k, 3]) for k, e in enumerate(epoch_k)]
+        transfer = dict(transfer_epoch=epoch_k, transfer_test_acc=acc_k, transfer_target_reached=reached)
+        if len(seeds) == 1:
+            transfer = {k: v[0] if isinstance(v, list) else v for k, v in transfer.items()}
+        if not reached:
+            print(f"[weak] warning: test accuracy never reached transfer_at = {cfg.transfer_at} in "
+                  f"{cfg.weak_epochs} epochs; transferring the final first layer", file=sys.stderr)
+        common.save_atomic(dict(embedding=weak if len(seeds) > 1 else weak[0], **transfer), run / "embedding.pt")
+        finish("weak", model, hist, transfer)
+
+    if cfg.grid:
+        meta = dict(experiment="parity", q=cfg.q, k=cfg.k, support=support, n=cfg.n, n_test=cfg.n_test,
+                    data_seed=cfg.data_seed, d_embed=cfg.d_embed, width=cfg.width,
+                    weak=dict(width=cfg.weak_width, transfer_at=cfg.transfer_at, init_scale=cfg.weak_init_scale,
+                              lr=cfg.weak_lr, wd=cfg.weak_wd) if cfg.grid_phase == "groktransfer" else None)
+        default = ((cfg.gt_init_scale, cfg.gt_lr, cfg.gt_wd) if cfg.grid_phase == "groktransfer"
+                   else (cfg.scratch_init_scale, cfg.scratch_lr, cfg.scratch_wd))
+        return common.grid_main(cfg, run, data, lambda scales: target_model(
+            cfg, [cfg.seed] * len(scales), scales, device, weak=weak[0] if cfg.grid_phase == "groktransfer" else None),
+            meta, default=default, title=f"({cfg.q}, {cfg.k})-parity", **LOSS)
+
+    # 2. target via GrokTransfer: first layer x A B, A = weak first layer, B random; both trainable
+    if "groktransfer" in phases:
+        model = target_model(cfg, seeds, cfg.gt_init_scale, device, weak=weak)
+        hist = common.train(model, data, epochs=cfg.epochs, lr=cfg.gt_lr, wd=cfg.gt_wd, stop_at=cfg.stop_at,
+                            desc="groktransfer", **opt)
+        finish("groktransfer", model, hist)
+
+    # 3. the same target from scratch
+    if "scratch" in phases:
+        model = target_model(cfg, seeds, cfg.scratch_init_scale, device)
+        hist = common.train(model, data, epochs=cfg.epochs, lr=cfg.scratch_lr, wd=cfg.scratch_wd, stop_at=cfg.stop_at,
+                            desc="scratch", **opt)
+        finish("scratch", model, hist)
+
+    common.save_atomic(models, run / "models.pt")
+    png = common.plot_dynamics(run, title=f"({cfg.q}, {cfg.k})-parity, S = {set(support)}, n = {cfg.n}")
+    print(f"wrote {run / 'summary.json'} and {png}")
+    return run
+
+
+if __name__ == "__main__":
+    main()
