@@ -462,6 +462,15 @@ def plot_embedding3d(E: torch.Tensor, y: torch.Tensor, path: Path):
 # =============================================================================
 
 
+def peak_memory(device) -> dict:
+    """Peak resident memory of this process (MiB) and, on CUDA, peak allocated device memory."""
+    import resource
+    out = dict(peak_rss_mib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
+    if device.type == "cuda":
+        out["peak_cuda_mib"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 20, 1)
+    return out
+
+
 def new_summary(cfg, data, device):
     return dict(device=str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
                 p=cfg.p, n=cfg.n, eps=cfg.eps, n_test=cfg.n_test, wd_form=cfg.wd_form, loss=cfg.loss, phases={})
@@ -522,6 +531,8 @@ def main(argv=None):
     finish("groktransfer", hist, one)
     print(f"[groktransfer] after one GD step: train acc {one['one_step_train_acc']}  test acc {one['one_step_test_acc']}")
 
+    summary.update(peak_memory(device))
+    common.save_json(summary, run / "summary.json")
     png = common.plot_dynamics(run, title=f"XOR cluster data, p = {cfg.p}, n = {cfg.n}, eps = {cfg.eps}")
     print(f"wrote {run / 'summary.json'}, {png}, neurons.png, embedding3d.png")
     return run
