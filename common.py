@@ -756,6 +756,62 @@ def read_metrics(path: Path) -> dict[str, dict]:
 
 
 # -----------------------------------------------------------------------------
+# A run's record: metrics.csv, summary.json and models.pt, rewritten after every phase
+
+
+def device_name(device: torch.device) -> str:
+    return str(device) if device.type != "cuda" else torch.cuda.get_device_name(device)
+
+
+class RunRecord:
+    """What a script writes as its phases finish. summary.json holds `header` (task, sizes, device)
+    and one entry per phase (common.summarize + the script's extras); metrics.csv every evaluation of
+    every phase so far; models.pt the final parameters (save_models)."""
+
+    def __init__(self, run: Path, header: dict, title: str = ""):
+        self.run, self.title = Path(run), title
+        self.summary = dict(header, phases={})
+        self.rows, self.models = [], {}
+
+    def phase_done(self, phase: str, hist: dict, model: nn.Module | None = None, extra: dict | None = None) -> dict:
+        """Record a finished phase; print one line; if every member diverged, draw what there is and
+        exit with status 1."""
+        self.rows.extend(history_rows(phase, hist))
+        write_metrics(self.run / "metrics.csv", self.rows)
+        s = self.summary["phases"][phase] = {**summarize(hist), **(extra or {})}
+        if model is not None:
+            self.models[phase] = {k: v.cpu() for k, v in model.state_dict().items()}
+        save_json(self.summary, self.run / "summary.json")
+        gaps = [m["time_gap"] for m in s["members"]] if "members" in s else s["time_gap"]
+        final = hist["metrics"][-1]  # (K, 5)
+        print(f"[{phase}] done: epochs {hist['epochs_run']}  final train acc {np.nanmean(final[:, 1]):.4f}  "
+              f"test acc {np.nanmean(final[:, 3]):.4f}  Time Gap {gaps}  {hist['wall_s']:.1f}s")
+        if hist["diverged"]:
+            plot_dynamics(self.run, title=self.title)
+            fail(f"phase '{phase}' diverged (NaN/inf loss) at epoch {hist['failed_epoch'].min()}; "
+                 f"metrics so far are in {self.run}", status=1)
+        return s
+
+    def save_models(self):
+        save_atomic(self.models, self.run / "models.pt")
+
+
+def transfer_point(hist: dict, transfer_at: float | None) -> dict:
+    """Where each member of a weak phase stopped (stop_at = transfer_at) or ended: transfer_epoch,
+    transfer_test_acc (lists over members), transfer_target_reached (all members got there)."""
+    epochs = list(hist["epochs"])
+    epoch_k = [int(e) if e >= 0 else hist["epochs_run"] for e in hist["stop_epoch"]]
+    return dict(transfer_epoch=epoch_k,
+                transfer_test_acc=[float(hist["metrics"][epochs.index(e), k, 3]) for k, e in enumerate(epoch_k)],
+                transfer_target_reached=transfer_at is None or bool((hist["stop_epoch"] >= 0).all()))
+
+
+def single(d: dict) -> dict:
+    """Per-member lists of length 1 -> their value (summaries of a one-seed run read as scalars)."""
+    return {k: v[0] if isinstance(v, list) and len(v) == 1 else v for k, v in d.items()}
+
+
+# -----------------------------------------------------------------------------
 # Grid search (appendix A.3: "grid search over init scale x lr x wd; the best is the first to reach
 # 99% test accuracy"): grid points are trained as the members of K-member models, batch after batch.
 

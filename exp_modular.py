@@ -249,25 +249,9 @@ def main(argv=None):
     seeds = [cfg.seed + i for i in range(cfg.seeds)]  # one member per seed
     opt = dict(betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, eval_every=cfg.eval_every, quiet=cfg.quiet,
                precision=cfg.precision)
-    summary = dict(device=str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
-                   op=cfg.op, p=cfg.p, n_train=len(data["y_train"]), n_test=len(data["y_test"]), phases={})
-    rows, models = [], {}
-
-    def finish(phase, model, hist, extra=None):
-        rows.extend(common.history_rows(phase, hist))
-        common.write_metrics(run / "metrics.csv", rows)
-        summary["phases"][phase] = {**common.summarize(hist), **(extra or {})}
-        models[phase] = {k: v.cpu() for k, v in model.state_dict().items()}
-        common.save_json(summary, run / "summary.json")
-        s = summary["phases"][phase]
-        gaps = [m["time_gap"] for m in s["members"]] if "members" in s else s["time_gap"]
-        final = hist["metrics"][-1]  # (K, 5)
-        print(f"[{phase}] done: epochs {hist['epochs_run']}  final train acc {final[:, 1].mean():.4f}  "
-              f"test acc {final[:, 3].mean():.4f}  Time Gap {gaps}  {hist['wall_s']:.1f}s")
-        if hist["diverged"]:
-            common.plot_dynamics(run, title=f"{cfg.op} mod {cfg.p}")
-            common.fail(f"phase '{phase}' diverged (NaN/inf loss) at epoch {hist['failed_epoch'].min()}; "
-                        f"metrics so far are in {run}", status=1)
+    record = common.RunRecord(run, dict(device=common.device_name(device), op=cfg.op, p=cfg.p,
+                                         n_train=len(data["y_train"]), n_test=len(data["y_test"])),
+                              title=f"{cfg.op} mod {cfg.p}")
 
     # 1. weak model: train, then take its embedding (at the end, or when test acc first reaches transfer_at)
     weak = weak_loaded
@@ -276,39 +260,35 @@ def main(argv=None):
         hist = common.train(model, data, epochs=cfg.weak_epochs, lr=cfg.weak_lr, wd=cfg.weak_wd,
                             stop_at=cfg.transfer_at, desc="weak", **opt)
         weak = model.embed.weight.detach().cpu()  # (K, p, d_W); member k froze at its own transfer epoch
-        stop = hist["stop_epoch"]
-        reached = cfg.transfer_at is None or bool((stop >= 0).all())
-        epoch_k = [int(e) if e >= 0 else hist["epochs_run"] for e in stop]  # (K,)
-        acc_k = [float(hist["metrics"][list(hist["epochs"]).index(e), k, 3]) for k, e in enumerate(epoch_k)]
-        transfer = dict(transfer_epoch=epoch_k, transfer_test_acc=acc_k, transfer_target_reached=reached)
+        transfer = common.transfer_point(hist, cfg.transfer_at)
         if len(seeds) == 1:
-            weak, transfer = weak[0], {k: v[0] if isinstance(v, list) else v for k, v in transfer.items()}
-        if not reached:
+            weak, transfer = weak[0], common.single(transfer)
+        if not transfer["transfer_target_reached"]:
             print(f"[weak] warning: test accuracy never reached transfer_at = {cfg.transfer_at}; "
                   f"transferring the final embedding", file=sys.stderr)
         common.save_atomic(dict(embedding=weak, op=cfg.op, p=cfg.p, **transfer), run / "embedding.pt")
-        finish("weak", model, hist, transfer)
+        record.phase_done("weak", hist, model, transfer)
     elif weak is not None:
-        summary["weak_embedding"] = cfg.weak_embedding
+        record.summary["weak_embedding"] = cfg.weak_embedding
 
     # 2. target via GrokTransfer: E = A @ B, A = weak embedding, B random; both trainable
     if "groktransfer" in phases:
         model = target_model(cfg, seeds, cfg.gt_init_scale, device, weak=weak)
         hist = common.train(model, data, epochs=cfg.epochs, lr=cfg.gt_lr, wd=cfg.gt_wd,
                             stop_at=cfg.stop_at, desc="groktransfer", **opt)
-        finish("groktransfer", model, hist)
+        record.phase_done("groktransfer", hist, model)
 
     # 3. the same target from scratch (plain embedding)
     if "scratch" in phases:
         model = target_model(cfg, seeds, cfg.scratch_init_scale, device)
         hist = common.train(model, data, epochs=cfg.epochs, lr=cfg.scratch_lr, wd=cfg.scratch_wd,
                             stop_at=cfg.stop_at, desc="scratch", **opt)
-        finish("scratch", model, hist)
+        record.phase_done("scratch", hist, model)
 
     if cfg.grid:
         return grid_search(cfg, run, data, device, weak)
 
-    common.save_atomic(models, run / "models.pt")
+    record.save_models()
     png = common.plot_dynamics(run, title=f"a {'+-*/'[OPS.index(cfg.op)]} b mod {cfg.p}")
     print(f"wrote {run / 'summary.json'} and {png}")
     return run

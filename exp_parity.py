@@ -165,23 +165,8 @@ def main(argv=None):
     seeds = [cfg.seed + i for i in range(cfg.seeds)]
     opt = dict(betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, eval_every=cfg.eval_every, quiet=cfg.quiet,
                precision=cfg.precision, **LOSS)
-    summary = dict(device=str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
-                   q=cfg.q, k=cfg.k, support=support, n_train=cfg.n, n_test=cfg.n_test, phases={})
-    rows, models = [], {}
-
-    def finish(phase, model, hist, extra=None):
-        rows.extend(common.history_rows(phase, hist))
-        common.write_metrics(run / "metrics.csv", rows)
-        summary["phases"][phase] = {**common.summarize(hist), **(extra or {})}
-        models[phase] = {k: v.cpu() for k, v in model.state_dict().items()}
-        common.save_json(summary, run / "summary.json")
-        final = hist["metrics"][-1]
-        print(f"[{phase}] done: epochs {hist['epochs_run']}  final train acc {final[:, 1].mean():.4f}  "
-              f"test acc {final[:, 3].mean():.4f}  {hist['wall_s']:.1f}s")
-        if hist["diverged"]:
-            common.plot_dynamics(run, title=f"({cfg.q}, {cfg.k})-parity")
-            common.fail(f"phase '{phase}' diverged (NaN/inf loss) at epoch {hist['failed_epoch'].min()}; "
-                        f"metrics so far are in {run}", status=1)
+    record = common.RunRecord(run, dict(device=common.device_name(device), q=cfg.q, k=cfg.k, support=support,
+                                         n_train=cfg.n, n_test=cfg.n_test), title=f"({cfg.q}, {cfg.k})-parity")
 
     # 1. weak model, stopped when its test accuracy first reaches transfer_at; its first layer is A
     weak = None
@@ -190,18 +175,14 @@ def main(argv=None):
         hist = common.train(model, data, epochs=cfg.weak_epochs, lr=cfg.weak_lr, wd=cfg.weak_wd,
                             stop_at=cfg.transfer_at, desc="weak", **opt)
         weak = model.layers[0].detach().cpu()  # (K, q, 16): member k froze at its own transfer epoch
-        stop = hist["stop_epoch"]
-        reached = bool((stop >= 0).all())
-        epoch_k = [int(e) if e >= 0 else hist["epochs_run"] for e in stop]
-        acc_k = [float(hist["metrics"][list(hist["epochs"]).index(e), k, 3]) for k, e in enumerate(epoch_k)]
-        transfer = dict(transfer_epoch=epoch_k, transfer_test_acc=acc_k, transfer_target_reached=reached)
+        transfer = common.transfer_point(hist, cfg.transfer_at)
         if len(seeds) == 1:
-            transfer = {k: v[0] if isinstance(v, list) else v for k, v in transfer.items()}
-        if not reached:
+            transfer = common.single(transfer)
+        if not transfer["transfer_target_reached"]:
             print(f"[weak] warning: test accuracy never reached transfer_at = {cfg.transfer_at} in "
                   f"{cfg.weak_epochs} epochs; transferring the final first layer", file=sys.stderr)
         common.save_atomic(dict(embedding=weak if len(seeds) > 1 else weak[0], **transfer), run / "embedding.pt")
-        finish("weak", model, hist, transfer)
+        record.phase_done("weak", hist, model, transfer)
 
     if cfg.grid:
         meta = dict(experiment="parity", q=cfg.q, k=cfg.k, support=support, n=cfg.n, n_test=cfg.n_test,
@@ -219,16 +200,16 @@ def main(argv=None):
         model = target_model(cfg, seeds, cfg.gt_init_scale, device, weak=weak)
         hist = common.train(model, data, epochs=cfg.epochs, lr=cfg.gt_lr, wd=cfg.gt_wd, stop_at=cfg.stop_at,
                             desc="groktransfer", **opt)
-        finish("groktransfer", model, hist)
+        record.phase_done("groktransfer", hist, model)
 
     # 3. the same target from scratch
     if "scratch" in phases:
         model = target_model(cfg, seeds, cfg.scratch_init_scale, device)
         hist = common.train(model, data, epochs=cfg.epochs, lr=cfg.scratch_lr, wd=cfg.scratch_wd, stop_at=cfg.stop_at,
                             desc="scratch", **opt)
-        finish("scratch", model, hist)
+        record.phase_done("scratch", hist, model)
 
-    common.save_atomic(models, run / "models.pt")
+    record.save_models()
     png = common.plot_dynamics(run, title=f"({cfg.q}, {cfg.k})-parity, S = {set(support)}, n = {cfg.n}")
     print(f"wrote {run / 'summary.json'} and {png}")
     return run

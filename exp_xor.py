@@ -471,9 +471,9 @@ def peak_memory(device) -> dict:
     return out
 
 
-def new_summary(cfg, data, device):
-    return dict(device=str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
-                p=cfg.p, n=cfg.n, eps=cfg.eps, n_test=cfg.n_test, wd_form=cfg.wd_form, loss=cfg.loss, phases={})
+def new_summary(cfg, device):
+    return dict(device=common.device_name(device), p=cfg.p, n=cfg.n, eps=cfg.eps, n_test=cfg.n_test,
+                wd_form=cfg.wd_form, loss=cfg.loss)
 
 
 def main(argv=None):
@@ -493,29 +493,16 @@ def main(argv=None):
         return study_weak_width(cfg, run, seeds, device)
 
     data = make_data(cfg.n, cfg.p, cfg.eps, cfg.n_test, cfg.data_seed, device)
-    summary, rows = new_summary(cfg, data, device), []
-
-    def finish(phase, hist, extra=None):
-        rows.extend(common.history_rows(phase, hist))
-        common.write_metrics(run / "metrics.csv", rows)
-        summary["phases"][phase] = {**common.summarize(hist), **(extra or {})}
-        common.save_json(summary, run / "summary.json")
-        final = hist["metrics"][-1]
-        print(f"[{phase}] done: final train acc {final[:, 1].mean():.4f}  test acc {final[:, 3].mean():.4f}  "
-              f"{hist['wall_s']:.1f}s")
-        if hist["diverged"]:
-            common.plot_dynamics(run, title="XOR cluster data")
-            common.fail(f"phase '{phase}' diverged (NaN/inf loss) at epoch {hist['failed_epoch'].min()}; "
-                        f"metrics so far are in {run}", status=1)
+    record = common.RunRecord(run, new_summary(cfg, device), title="XOR cluster data")
 
     # 1. the wide network from scratch: grokking (Fig 4a)
-    finish("scratch", train_scratch(cfg, data, seeds, device))
+    record.phase_done("scratch", train_scratch(cfg, data, seeds, device))
 
     # 2. the weak network with three neurons (Fig 4b); its neurons (Fig 4c); its embedding (Fig 5a)
     hist, W, _ = train_weak(cfg, data, seeds, cfg.weak_width, device)
     feats = [neuron_features(W[k]) for k in range(len(seeds))]
-    finish("weak", hist, dict(weak_neuron_features=feats[0] if len(seeds) == 1 else feats,
-                              norm_ratio=[round(float(r), 6) for r in norm_ratio(W)]))
+    record.phase_done("weak", hist, extra=dict(weak_neuron_features=feats[0] if len(seeds) == 1 else feats,
+                                               norm_ratio=[round(float(r), 6) for r in norm_ratio(W)]))
     common.save_atomic(dict(U=W.cpu(), p=cfg.p, n=cfg.n, eps=cfg.eps), run / "embedding.pt")
     plot_neurons(W[0], float(hist["metrics"][-1, 0, 3]), run / "neurons.png")
     fresh = make_data(4000, cfg.p, cfg.eps, 1, cfg.data_seed + 1, device)
@@ -526,13 +513,12 @@ def main(argv=None):
     at1 = list(hist["epochs"]).index(1)
     one = dict(one_step_train_acc=[float(v) for v in hist["metrics"][at1, :, 1]],
                one_step_test_acc=[float(v) for v in hist["metrics"][at1, :, 3]])
-    if len(seeds) == 1:
-        one = {k: v[0] for k, v in one.items()}
-    finish("groktransfer", hist, one)
+    one = common.single(one)
+    record.phase_done("groktransfer", hist, extra=one)
     print(f"[groktransfer] after one GD step: train acc {one['one_step_train_acc']}  test acc {one['one_step_test_acc']}")
 
-    summary.update(peak_memory(device))
-    common.save_json(summary, run / "summary.json")
+    record.summary.update(peak_memory(device))
+    common.save_json(record.summary, run / "summary.json")
     png = common.plot_dynamics(run, title=f"XOR cluster data, p = {cfg.p}, n = {cfg.n}, eps = {cfg.eps}")
     print(f"wrote {run / 'summary.json'}, {png}, neurons.png, embedding3d.png")
     return run
@@ -585,19 +571,12 @@ def study_norm_ratio(cfg, run, seeds, device):
 def study_weak_width(cfg, run, seeds, device):
     """Fig 10, 11: weak models of each width in cfg.weak_widths, and the target trained on each embedding."""
     data = make_data(cfg.n, cfg.p, cfg.eps, cfg.n_test, cfg.data_seed, device)
-    summary, rows = new_summary(cfg, data, device), []
+    record = common.RunRecord(run, new_summary(cfg, device), title="XOR, weak widths")
     for width in cfg.weak_widths:
         hist, W, _ = train_weak(cfg, data, seeds, width, device)
-        rows.extend(common.history_rows(f"weak-{width}", hist))
-        summary["phases"][f"weak-{width}"] = {**common.summarize(hist), "weak_neuron_features": neuron_features(W[0])}
+        record.phase_done(f"weak-{width}", hist, extra=dict(weak_neuron_features=neuron_features(W[0])))
         plot_neurons(W[0], float(hist["metrics"][-1, 0, 3]), run / f"neurons_{width}.png")
-        th = train_target(cfg, data, W, seeds, device)
-        rows.extend(common.history_rows(f"target-{width}", th))
-        summary["phases"][f"target-{width}"] = common.summarize(th)
-        common.write_metrics(run / "metrics.csv", rows)
-        common.save_json(summary, run / "summary.json")
-        print(f"[weak_width {width}] weak test acc {hist['metrics'][-1, :, 3].mean():.3f}  "
-              f"target test acc {th['metrics'][-1, :, 3].mean():.3f}")
+        record.phase_done(f"target-{width}", train_target(cfg, data, W, seeds, device))
     png = common.plot_dynamics(run, title=f"weak widths {cfg.weak_widths}: weak model, then the target on its embedding")
     print(f"wrote {run / 'summary.json'} and {png}")
     return run
