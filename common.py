@@ -216,6 +216,32 @@ def set_seed(seed: int, deterministic: bool = False):
         torch.backends.cudnn.benchmark = False
 
 
+RESUME_FREE = ("name", "out", "quiet", "resume", "ckpt_every")  # keys a resumed run may change
+
+
+def open_run(cfg, experiment: str) -> Path:
+    """The run directory of cfg (created), with config.yaml written. With cfg.resume the directory must
+    hold a run whose config.yaml agrees with cfg on every key that changes results (ConfigError naming
+    the first that does not); nothing is created or written before that check."""
+    if getattr(cfg, "resume", False):
+        path = Path(cfg.out) if cfg.out else Path("runs") / experiment / cfg.name if cfg.name else None
+        if path is None or not (path / "config.yaml").is_file():
+            raise ConfigError(f"--resume needs the run's directory (--out DIR or --name NAME) holding its "
+                              f"config.yaml; none found{f' in {path}' if path else ''}")
+        try:
+            old = yaml.safe_load((path / "config.yaml").read_text()) or {}
+        except yaml.YAMLError:
+            raise ConfigError(f"--resume: {path / 'config.yaml'} is not valid YAML") from None
+        new = yaml.safe_load(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+        for key, value in new.items():
+            if key not in RESUME_FREE and old.get(key) != value:
+                raise ConfigError(f"--resume: config key '{key}' is {value!r} but the run used {old.get(key)!r}; "
+                                  f"resuming would change its results")
+    run = run_dir(experiment, cfg.name, cfg.out)
+    save_config(cfg, run / "config.yaml")
+    return run
+
+
 def run_dir(experiment: str, name: str, out: str) -> Path:
     """runs/<experiment>/<name or timestamp>/, or `out` if given. Fails (exit 2) if not writable."""
     path = Path(out) if out else Path("runs") / experiment / (name or time.strftime("%Y%m%d-%H%M%S"))
@@ -532,6 +558,52 @@ def evaluate(model, data, loss_fn, acc_fn, chunk: int = 16384) -> torch.Tensor:
     return torch.stack(out, 1)  # (K, 5)
 
 
+class Checkpoint:
+    """Where one phase keeps its checkpoint, how often it writes it, and whether to resume from it.
+    on_interrupt(history) is called after Ctrl-C has saved the checkpoint (to write metrics so far)."""
+
+    def __init__(self, path: Path, every: int = 0, resume: bool = False, on_interrupt=None):
+        self.path, self.every, self.resume = Path(path), every, resume
+        self.on_interrupt = on_interrupt or (lambda history: None)
+
+    def save(self, state: dict):
+        save_atomic(state, self.path)
+
+    def load(self) -> dict | None:
+        if not self.path.is_file():
+            return None
+        return torch.load(self.path, map_location="cpu", weights_only=False)
+
+
+def rng_state() -> dict:
+    return dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(),
+                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+
+
+def set_rng_state(state: dict):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@contextlib.contextmanager
+def _sigint_flag():
+    """While active, Ctrl-C sets a flag (checked between steps) instead of raising mid-update."""
+    import signal
+    import threading
+    hit = []
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: hit.append(signum))
+    try:
+        yield lambda: bool(hit)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 PRECISIONS = ("float32", "tf32", "bf16")
 
 
@@ -565,7 +637,8 @@ def _keep_members(model, opt, keep: torch.Tensor):
 
 def train(model, data, *, epochs: int, lr, wd, betas=(0.9, 0.999), eps=1e-8, eval_every: int = 10,
           stop_at: float | None = None, loss_fn=cross_entropy, acc_fn=accuracy, desc: str = "train",
-          quiet: bool = False, precision: str = "float32", compact: bool = False) -> dict:
+          quiet: bool = False, precision: str = "float32", compact: bool = False,
+          ckpt: "Checkpoint | None" = None) -> dict:
     """Full-batch AdamW on all K members of `model` for `epochs` epochs; returns the history.
 
     data: dict of device tensors x_train, y_train, x_test, y_test.
@@ -579,6 +652,10 @@ def train(model, data, *, epochs: int, lr, wd, betas=(0.9, 0.999), eps=1e-8, eva
     compact: once at most half the members still train, drop the frozen ones from the model so they
     cost nothing (a grid search, where most points stop early). The model then holds only the members
     still training when it ended; their metrics rows keep every member (a dropped one repeats its last).
+    ckpt: a Checkpoint: save the whole state every ckpt.every epochs and at the end (atomically); with
+    ckpt.resume, continue from the saved state (a finished phase returns its saved history at once).
+    Ctrl-C (SIGINT) saves a checkpoint at the end of the current step, calls ckpt.on_interrupt(history
+    so far) and exits with status 130.
     Returns dict: epochs (E,), metrics (E, K, 5) numpy, stop_epoch / failed_epoch (K,) (-1 = never),
     epochs_run, wall_s.
     """
@@ -623,8 +700,45 @@ def train(model, data, *, epochs: int, lr, wd, betas=(0.9, 0.999), eps=1e-8, eva
                   f"  train_loss {np.nanmean(row[:, 0]):.4g}  {time.perf_counter() - t0:.1f}s", flush=True)
         return running.any()
 
-    with precision_context(precision, device):
-        going = record(0)
+    def history(done=False):
+        return dict(epochs=np.array(epochs_logged), metrics=np.stack(rows), stop_epoch=stop_epoch.copy(),
+                    failed_epoch=failed_epoch.copy(), epochs_run=epoch, wall_s=time.perf_counter() - t0,
+                    diverged=bool((failed_epoch >= 0).all()))
+
+    def save(done):
+        ckpt.save(dict(done=done, epoch=epoch, model=model.state_dict(), alive=alive, last_row=last_row,
+                       opt=dict(m=opt.m, v=opt.v, step_count=opt.step_count, lr=opt.lr, wd=opt.wd,
+                                active=opt.active, all_active=opt.all_active),
+                       history=history(), rng=rng_state()))
+
+    state = ckpt.load() if ckpt is not None and ckpt.resume else None
+    if state is not None:  # continue where the checkpoint left off
+        saved = state["history"]
+        if saved["metrics"].shape[1] != K:
+            raise ConfigError(f"checkpoint {ckpt.path} holds {saved['metrics'].shape[1]} members, the run has {K}")
+        alive = state["alive"]
+        if len(alive) < K:
+            _keep_members(model, opt, torch.as_tensor(alive, device=device))
+        model.load_state_dict(state["model"])
+        o = state["opt"]
+        opt.m = [t.to(device) for t in o["m"]]
+        opt.v = [t.to(device) for t in o["v"]]
+        opt.step_count, opt.all_active = o["step_count"], o["all_active"]
+        opt.lr, opt.wd, opt.active = o["lr"].to(device), o["wd"].to(device), o["active"].to(device)
+        last_row[:] = state["last_row"]
+        rows, epochs_logged = list(saved["metrics"]), list(saved["epochs"])
+        stop_epoch[:], failed_epoch[:] = saved["stop_epoch"], saved["failed_epoch"]
+        epoch, t0 = state["epoch"], time.perf_counter() - saved["wall_s"]
+        set_rng_state(state["rng"])
+        if state["done"]:
+            bar.close()
+            return history()
+        bar.update(epoch)
+        if not quiet:
+            print(f"[{desc}] resuming from epoch {epoch}", flush=True)
+
+    with precision_context(precision, device), _sigint_flag() as interrupted:
+        going = record(0) if state is None else bool(((stop_epoch < 0) & (failed_epoch < 0)).any())
         while going and epoch < epochs:
             epoch += 1
             loss = loss_fn(model(x), y)  # (K,)
@@ -633,16 +747,27 @@ def train(model, data, *, epochs: int, lr, wd, betas=(0.9, 0.999), eps=1e-8, eva
             opt.step()
             if epoch in eval_at:
                 going = record(epoch)
+            if ckpt is not None and ckpt.every and epoch % ckpt.every == 0:
+                save(done=False)
+            if interrupted():
+                bar.close()
+                if ckpt is None:
+                    fail(f"interrupted at epoch {epoch} of phase '{desc}' (no checkpoint)", status=130)
+                save(done=False)
+                ckpt.on_interrupt(history())
+                fail(f"interrupted at epoch {epoch} of phase '{desc}'; checkpoint and metrics saved. "
+                     f"Resume: the same command with --resume", status=130)
         if epoch not in epochs_logged:
             record(epoch)
+    if ckpt is not None:
+        save(done=True)
     bar.close()  # the last record() copied to the host, so the device is idle here
     diverged = bool((failed_epoch >= 0).all())
     if diverged and not quiet:
         print(f"[{desc}] all members diverged (NaN/inf loss); first at epoch {failed_epoch.min()}", file=sys.stderr)
     elif (failed_epoch >= 0).any() and not quiet:
         print(f"[{desc}] members {np.flatnonzero(failed_epoch >= 0).tolist()} diverged (NaN/inf loss)", file=sys.stderr)
-    return dict(epochs=np.array(epochs_logged), metrics=np.stack(rows), stop_epoch=stop_epoch,
-                failed_epoch=failed_epoch, epochs_run=epoch, wall_s=time.perf_counter() - t0, diverged=diverged)
+    return history()
 
 
 def _progress(total: int, desc: str, quiet: bool):
@@ -768,10 +893,18 @@ class RunRecord:
     and one entry per phase (common.summarize + the script's extras); metrics.csv every evaluation of
     every phase so far; models.pt the final parameters (save_models)."""
 
-    def __init__(self, run: Path, header: dict, title: str = ""):
+    def __init__(self, run: Path, header: dict, title: str = "", ckpt_every: int = 0, resume: bool = False):
         self.run, self.title = Path(run), title
         self.summary = dict(header, phases={})
         self.rows, self.models = [], {}
+        self.ckpt_every, self.resume = ckpt_every, resume
+
+    def checkpoint(self, phase: str) -> Checkpoint:
+        """The checkpoint of one phase, ckpt_<phase>.pt in the run directory; Ctrl-C writes metrics.csv
+        with the phase's rows so far."""
+        def partial(history):
+            write_metrics(self.run / "metrics.csv", self.rows + history_rows(phase, history))
+        return Checkpoint(self.run / f"ckpt_{phase}.pt", self.ckpt_every, self.resume, partial)
 
     def phase_done(self, phase: str, hist: dict, model: nn.Module | None = None, extra: dict | None = None) -> dict:
         """Record a finished phase; print one line; if every member diverged, draw what there is and
@@ -1020,16 +1153,21 @@ def grid_main(cfg, run: Path, data: dict, build, meta: dict, default=None, title
     points = grid_points(cfg.grid_init_scales, cfg.grid_lrs, cfg.grid_wds)
     i, n = parse_shard(cfg.shard)
     mine = points[i::n]
+    done = read_grid(run / "grid.csv") if getattr(cfg, "resume", False) and (run / "grid.csv").is_file() else []
+    if done:  # --resume: grid.csv holds every finished batch; train the rest
+        finished = {r["point"] for r in done}
+        print(f"[grid] resuming: {len(finished)} points already in {run / 'grid.csv'}")
     meta = dict(meta, phase=cfg.grid_phase, threshold=cfg.grid_stop_at, epochs=cfg.epochs, eval_every=cfg.eval_every,
                 betas=[cfg.beta1, cfg.beta2], adam_eps=cfg.adam_eps, precision=cfg.precision, seed=cfg.seed,
                 init_scales=cfg.grid_init_scales, lrs=cfg.grid_lrs, wds=cfg.grid_wds, n_points=len(points))
     print(f"[grid] {cfg.grid_phase}: {len(mine)} of {len(points)} points (shard {i}/{n}), "
           f"stop at {cfg.grid_stop_at:.0%} test acc or {cfg.epochs} epochs")
-    rows, K = run_grid(mine, build, data, epochs=cfg.epochs, threshold=cfg.grid_stop_at, members=cfg.members,
-                       on_batch=lambda rows: write_grid(run / "grid.csv", rows), quiet=cfg.quiet,
+    todo = [p for p in mine if p["point"] not in {r["point"] for r in done}]
+    rows, K = run_grid(todo, build, data, epochs=cfg.epochs, threshold=cfg.grid_stop_at, members=cfg.members,
+                       on_batch=lambda rows: write_grid(run / "grid.csv", done + rows), quiet=cfg.quiet,
                        betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, eval_every=cfg.eval_every,
-                       precision=cfg.precision, **train_kw)
-    return finish_grid(run, rows, dict(meta, shard=f"{i}/{n}", members=K, n_points_run=len(mine)), default, title)
+                       precision=cfg.precision, **train_kw) if todo else ([], cfg.members)
+    return finish_grid(run, done + rows, dict(meta, shard=f"{i}/{n}", members=K, n_points_run=len(mine)), default, title)
 
 
 def merge_main(cfg, experiment: str, title=None) -> Path:

@@ -107,6 +107,8 @@ class Config:
     name: str = ""  # run directory name under runs/modular/ (default: a timestamp)
     out: str = ""  # explicit run directory (overrides name)
     quiet: bool = False  # no progress bar or log lines
+    ckpt_every: int = 1000  # checkpoint every N epochs (and at the end of each phase) in the run directory; 0 = ends only
+    resume: bool = False  # continue the run in --out/--name from its checkpoints (finished phases are skipped)
 
 
 def check(cfg: Config):
@@ -136,6 +138,8 @@ def check(cfg: Config):
     n = cfg.p * (cfg.p - 1 if cfg.op == "div" else cfg.p)
     if round(cfg.train_frac * n) in (0, n):
         raise ConfigError(f"train_frac {cfg.train_frac} leaves an empty train or test set for {n} pairs")
+    if cfg.ckpt_every < 0:
+        raise ConfigError(f"ckpt_every must be >= 0, got {cfg.ckpt_every}")
     common.check_grid(cfg)
     common.pick_device(cfg.device)
 
@@ -233,12 +237,11 @@ def main(argv=None):
         return common.merge_main(cfg, "modular", title=lambda meta: f"{meta['op']} mod {meta['p']}")
     try:
         weak_loaded = load_weak_embedding(cfg.weak_embedding, cfg.p, cfg.seeds) if cfg.weak_embedding else None
-        run = common.run_dir("modular", cfg.name, cfg.out)
+        run = common.open_run(cfg, "modular")
     except ConfigError as e:
         common.fail(str(e))
     device = common.pick_device(cfg.device)
     common.set_seed(cfg.seed, cfg.deterministic)
-    common.save_config(cfg, run / "config.yaml")
     phases = [s.strip() for s in cfg.phases.split(",") if s.strip()]
     if cfg.grid:  # the weak phase only when the grid is over GrokTransfer targets and no embedding was given
         phases = ["weak"] if cfg.grid_phase == "groktransfer" and weak_loaded is None else []
@@ -251,14 +254,14 @@ def main(argv=None):
                precision=cfg.precision)
     record = common.RunRecord(run, dict(device=common.device_name(device), op=cfg.op, p=cfg.p,
                                          n_train=len(data["y_train"]), n_test=len(data["y_test"])),
-                              title=f"{cfg.op} mod {cfg.p}")
+                              title=f"{cfg.op} mod {cfg.p}", ckpt_every=cfg.ckpt_every, resume=cfg.resume)
 
     # 1. weak model: train, then take its embedding (at the end, or when test acc first reaches transfer_at)
     weak = weak_loaded
     if "weak" in phases:
         model = weak_model(cfg, seeds, device)
         hist = common.train(model, data, epochs=cfg.weak_epochs, lr=cfg.weak_lr, wd=cfg.weak_wd,
-                            stop_at=cfg.transfer_at, desc="weak", **opt)
+                            stop_at=cfg.transfer_at, desc="weak", ckpt=record.checkpoint("weak"), **opt)
         weak = model.embed.weight.detach().cpu()  # (K, p, d_W); member k froze at its own transfer epoch
         transfer = common.transfer_point(hist, cfg.transfer_at)
         if len(seeds) == 1:
@@ -275,14 +278,14 @@ def main(argv=None):
     if "groktransfer" in phases:
         model = target_model(cfg, seeds, cfg.gt_init_scale, device, weak=weak)
         hist = common.train(model, data, epochs=cfg.epochs, lr=cfg.gt_lr, wd=cfg.gt_wd,
-                            stop_at=cfg.stop_at, desc="groktransfer", **opt)
+                            stop_at=cfg.stop_at, desc="groktransfer", ckpt=record.checkpoint("groktransfer"), **opt)
         record.phase_done("groktransfer", hist, model)
 
     # 3. the same target from scratch (plain embedding)
     if "scratch" in phases:
         model = target_model(cfg, seeds, cfg.scratch_init_scale, device)
         hist = common.train(model, data, epochs=cfg.epochs, lr=cfg.scratch_lr, wd=cfg.scratch_wd,
-                            stop_at=cfg.stop_at, desc="scratch", **opt)
+                            stop_at=cfg.stop_at, desc="scratch", ckpt=record.checkpoint("scratch"), **opt)
         record.phase_done("scratch", hist, model)
 
     if cfg.grid:

@@ -88,6 +88,8 @@ class Config:
     name: str = ""
     out: str = ""
     quiet: bool = False
+    ckpt_every: int = 1000  # checkpoint every N epochs (and at the end of each phase) in the run directory; 0 = ends only
+    resume: bool = False  # continue the run in --out/--name from its checkpoints (finished phases are skipped)
 
 
 def check(cfg: Config):
@@ -111,6 +113,8 @@ def check(cfg: Config):
         raise ConfigError(f"phases must be a comma-separated subset of {', '.join(PHASES)}; got '{cfg.phases}'")
     if "groktransfer" in phases and "weak" not in phases:
         raise ConfigError("phase 'groktransfer' needs the 'weak' phase")
+    if cfg.ckpt_every < 0:
+        raise ConfigError(f"ckpt_every must be >= 0, got {cfg.ckpt_every}")
     common.check_grid(cfg)
     common.pick_device(cfg.device)
 
@@ -148,12 +152,11 @@ def main(argv=None):
     if cfg.merge:
         return common.merge_main(cfg, "parity", title=lambda meta: f"({meta['q']}, {meta['k']})-parity")
     try:
-        run = common.run_dir("parity", cfg.name, cfg.out)
+        run = common.open_run(cfg, "parity")
     except ConfigError as e:
         common.fail(str(e))
     device = common.pick_device(cfg.device)
     common.set_seed(cfg.seed, cfg.deterministic)
-    common.save_config(cfg, run / "config.yaml")
     support = cfg.support or list(range(1, cfg.k + 1))
     phases = [s.strip() for s in cfg.phases.split(",") if s.strip()]
     if cfg.grid:  # the weak phase only when the grid is over GrokTransfer targets
@@ -166,14 +169,15 @@ def main(argv=None):
     opt = dict(betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, eval_every=cfg.eval_every, quiet=cfg.quiet,
                precision=cfg.precision, **LOSS)
     record = common.RunRecord(run, dict(device=common.device_name(device), q=cfg.q, k=cfg.k, support=support,
-                                         n_train=cfg.n, n_test=cfg.n_test), title=f"({cfg.q}, {cfg.k})-parity")
+                                         n_train=cfg.n, n_test=cfg.n_test), title=f"({cfg.q}, {cfg.k})-parity",
+                              ckpt_every=cfg.ckpt_every, resume=cfg.resume)
 
     # 1. weak model, stopped when its test accuracy first reaches transfer_at; its first layer is A
     weak = None
     if "weak" in phases:
         model = weak_model(cfg, seeds, device)
         hist = common.train(model, data, epochs=cfg.weak_epochs, lr=cfg.weak_lr, wd=cfg.weak_wd,
-                            stop_at=cfg.transfer_at, desc="weak", **opt)
+                            stop_at=cfg.transfer_at, desc="weak", ckpt=record.checkpoint("weak"), **opt)
         weak = model.layers[0].detach().cpu()  # (K, q, 16): member k froze at its own transfer epoch
         transfer = common.transfer_point(hist, cfg.transfer_at)
         if len(seeds) == 1:
@@ -199,14 +203,14 @@ def main(argv=None):
     if "groktransfer" in phases:
         model = target_model(cfg, seeds, cfg.gt_init_scale, device, weak=weak)
         hist = common.train(model, data, epochs=cfg.epochs, lr=cfg.gt_lr, wd=cfg.gt_wd, stop_at=cfg.stop_at,
-                            desc="groktransfer", **opt)
+                            desc="groktransfer", ckpt=record.checkpoint("groktransfer"), **opt)
         record.phase_done("groktransfer", hist, model)
 
     # 3. the same target from scratch
     if "scratch" in phases:
         model = target_model(cfg, seeds, cfg.scratch_init_scale, device)
         hist = common.train(model, data, epochs=cfg.epochs, lr=cfg.scratch_lr, wd=cfg.scratch_wd, stop_at=cfg.stop_at,
-                            desc="scratch", **opt)
+                            desc="scratch", ckpt=record.checkpoint("scratch"), **opt)
         record.phase_done("scratch", hist, model)
 
     record.save_models()

@@ -107,9 +107,13 @@ class Config:
     name: str = ""
     out: str = ""
     quiet: bool = False
+    ckpt_every: int = 1000  # checkpoint every N epochs (and at the end of each phase) in the run directory; 0 = ends only
+    resume: bool = False  # continue the run in --out/--name from its checkpoints (finished phases are skipped)
 
 
 def check(cfg: Config):
+    if cfg.ckpt_every < 0:
+        raise ConfigError(f"ckpt_every must be >= 0, got {cfg.ckpt_every}")
     for key in ("p", "n", "n_test", "scratch_width", "weak_width", "target_width", "scratch_epochs", "weak_epochs",
                 "target_epochs", "eval_every", "weak_eval_every", "seeds", "ratio_n", "ratio_p"):
         if getattr(cfg, key) <= 0:
@@ -190,33 +194,68 @@ def metrics_row(train_loss, f_train, y_train, test_loss, f_test, y_test, norm) -
     return torch.stack([train_loss, acc(f_train, y_train), test_loss, acc(f_test, y_test), norm], 1)
 
 
-def gd_loop(step, evaluate, epochs: int, eval_every: int, desc: str, quiet: bool) -> dict:
+def gd_loop(step, evaluate, epochs: int, eval_every: int, desc: str, quiet: bool, state: dict,
+            ckpt: common.Checkpoint | None = None) -> dict:
     """Run `step()` epochs times; `evaluate()` -> (K, 5) at 0, 1, 2, 4, ... below eval_every, every
-    eval_every epochs and at the end. One host sync per evaluation. Returns a history in the format of
-    common.train (epochs, metrics (E, K, 5), stop_epoch, failed_epoch, epochs_run, wall_s, diverged)."""
+    eval_every epochs and at the end. One host sync per evaluation. `state` is the dict of tensors the
+    step updates: it is what a checkpoint saves (every ckpt.every epochs and at the end) and restores
+    (ckpt.resume). Ctrl-C checkpoints between steps and exits with status 130. Returns a history in
+    the format of common.train (epochs, metrics (E, K, 5), stop/failed_epoch, epochs_run, wall_s, diverged)."""
     eval_at = set(range(0, epochs + 1, eval_every)) | {e for e in (1, 2, 4, 8, 16, 32, 64) if e < eval_every} | {epochs}
-    rows, logged, t0 = [], [], time.perf_counter()
+    rows, logged, t0, start = [], [], time.perf_counter(), 0
     failed = None
     log_every = max(1, epochs // 10)
-    for epoch in range(epochs + 1):
-        if epoch > 0:
-            step()
-        if epoch in eval_at:
-            row = evaluate().cpu().numpy()
-            rows.append(row)
-            logged.append(epoch)
-            if failed is None:
-                failed = np.full(len(row), -1)
-            failed[~np.isfinite(row[:, 0]) & (failed < 0)] = epoch
-            if not quiet and (epoch % log_every == 0 or epoch in (1, epochs)):
-                print(f"[{desc}] epoch {epoch:6d}  train_acc {np.nanmean(row[:, 1]):.4f}  test_acc "
-                      f"{np.nanmean(row[:, 3]):.4f}  train_loss {np.nanmean(row[:, 0]):.4g}  "
-                      f"{time.perf_counter() - t0:.1f}s", flush=True)
-            if (failed >= 0).all():
-                break
-    return dict(epochs=np.array(logged), metrics=np.stack(rows), stop_epoch=np.full(len(failed), -1),
-                failed_epoch=failed, epochs_run=logged[-1], wall_s=time.perf_counter() - t0,
-                diverged=bool((failed >= 0).all()))
+
+    def history():
+        return dict(epochs=np.array(logged), metrics=np.stack(rows), stop_epoch=np.full(len(failed), -1),
+                    failed_epoch=failed.copy(), epochs_run=logged[-1] if done else epoch,
+                    wall_s=time.perf_counter() - t0, diverged=bool((failed >= 0).all()))
+
+    def save():
+        ckpt.save(dict(done=done, epoch=epoch, state=dict(state), rows=rows, logged=logged, failed=failed,
+                       wall_s=time.perf_counter() - t0, rng=common.rng_state()))
+
+    saved = ckpt.load() if ckpt is not None and ckpt.resume else None
+    done, epoch = False, 0
+    if saved is not None:
+        device = next(v for v in state.values() if torch.is_tensor(v)).device
+        state.update({k: v.to(device) if torch.is_tensor(v) else v for k, v in saved["state"].items()})
+        rows, logged, failed, epoch = list(saved["rows"]), list(saved["logged"]), saved["failed"], saved["epoch"]
+        t0, start, done = time.perf_counter() - saved["wall_s"], saved["epoch"] + 1, saved["done"]
+        common.set_rng_state(saved["rng"])
+        if done:
+            return history()
+        print(f"[{desc}] resuming from epoch {epoch}", flush=True)
+    with common._sigint_flag() as interrupted:
+        for epoch in range(start, epochs + 1):
+            if epoch > 0:
+                step()
+            if epoch in eval_at:
+                row = evaluate().cpu().numpy()
+                rows.append(row)
+                logged.append(epoch)
+                if failed is None:
+                    failed = np.full(len(row), -1)
+                failed[~np.isfinite(row[:, 0]) & (failed < 0)] = epoch
+                if not quiet and (epoch % log_every == 0 or epoch in (1, epochs)):
+                    print(f"[{desc}] epoch {epoch:6d}  train_acc {np.nanmean(row[:, 1]):.4f}  test_acc "
+                          f"{np.nanmean(row[:, 3]):.4f}  train_loss {np.nanmean(row[:, 0]):.4g}  "
+                          f"{time.perf_counter() - t0:.1f}s", flush=True)
+                if (failed >= 0).all():
+                    break
+            if ckpt is not None and ckpt.every and epoch and epoch % ckpt.every == 0:
+                save()
+            if interrupted():
+                if ckpt is None:
+                    common.fail(f"interrupted at epoch {epoch} of phase '{desc}' (no checkpoint)", status=130)
+                save()
+                ckpt.on_interrupt(history())
+                common.fail(f"interrupted at epoch {epoch} of phase '{desc}'; checkpoint and metrics saved. "
+                            f"Resume: the same command with --resume", status=130)
+    done = True
+    if ckpt is not None:
+        save()
+    return history()
 
 
 def default_init_chunks(gen: torch.Generator, p: int, m: int, chunk: int):
@@ -248,7 +287,7 @@ def scratch_init(cfg, data, seeds, m, device):
     return P0, Q0, norm0, torch.stack(a0).to(device)
 
 
-def train_scratch(cfg, data, seeds, device):
+def train_scratch(cfg, data, seeds, device, ckpt=None):
     """Fig 4a in the span form: W = c W0 + X^T Z, Z (K, n, m) starting at 0, c = 1; a trained directly."""
     m = cfg.scratch_width
     P0, Q0, norm0, a = scratch_init(cfg, data, seeds, m, device)
@@ -278,7 +317,7 @@ def train_scratch(cfg, data, seeds, device):
         return metrics_row(loss, f, y, loss_and_grad(f_t, data["y_test"], cfg.loss)[0], f_t, data["y_test"],
                            torch.sqrt(w2.clamp_min(0) + a.pow(2).sum(1)))
 
-    return gd_loop(step, evaluate, cfg.scratch_epochs, cfg.eval_every, "scratch", cfg.quiet)
+    return gd_loop(step, evaluate, cfg.scratch_epochs, cfg.eval_every, "scratch", cfg.quiet, state, ckpt)
 
 
 def dense_scratch_step(W, a, X, y, lr, wd, form, loss):
@@ -294,7 +333,7 @@ def forward_on_test(data, W, a):
     return torch.cat([torch.einsum("knm,km->kn", torch.relu(torch.matmul(xs, W)), a) for _, xs in chunks_of_test(data)], 1)
 
 
-def train_weak(cfg, data, seeds, width, device, quiet=None):
+def train_weak(cfg, data, seeds, width, device, quiet=None, ckpt=None):
     """Fig 4b: the narrow network, dense (W is only p x width), W ~ N(0, w_std^2), a ~ N(0, a_std^2)."""
     X, y = data["x_train"], data["y_train"]
     p = X.shape[1]
@@ -320,7 +359,7 @@ def train_weak(cfg, data, seeds, width, device, quiet=None):
                            torch.sqrt(W.pow(2).sum((1, 2)) + a.pow(2).sum(1)))
 
     hist = gd_loop(step, evaluate, cfg.weak_epochs, cfg.weak_eval_every, f"weak-{width}",
-                   cfg.quiet if quiet is None else quiet)
+                   cfg.quiet if quiet is None else quiet, state, ckpt)
     return hist, state["W"], state["a"]
 
 
@@ -335,7 +374,7 @@ def target_init(cfg, seeds, r, device):
     return torch.stack(a).float().to(device), torch.stack(V).float().to(device)
 
 
-def train_target(cfg, data, U, seeds, device):
+def train_target(cfg, data, U, seeds, device, ckpt=None):
     """Theorem 3.2 / Fig 9: f_L(x) = sum_j a_j relu(<v_j, U^T x>), U (K, p, r) the weak first layer.
     GD on V; a and U fixed unless train_a / train_U."""
     X, y = data["x_train"], data["y_train"]
@@ -367,7 +406,7 @@ def train_target(cfg, data, U, seeds, device):
         norm = state["V"].pow(2).sum((1, 2)) + state["a"].pow(2).sum(1) + (state["U"].pow(2).sum((1, 2)) if cfg.train_U else 0)
         return metrics_row(loss, f, y, loss_and_grad(f_t, data["y_test"], cfg.loss)[0], f_t, data["y_test"], norm.sqrt())
 
-    return gd_loop(step, evaluate, cfg.target_epochs, cfg.eval_every, "groktransfer", cfg.quiet)
+    return gd_loop(step, evaluate, cfg.target_epochs, cfg.eval_every, "groktransfer", cfg.quiet, state, ckpt)
 
 
 FEATURES = torch.tensor([[1.0, 1.0], [1.0, -1.0], [-1.0, 1.0], [-1.0, -1.0]])  # the four cluster directions
@@ -479,12 +518,11 @@ def new_summary(cfg, device):
 def main(argv=None):
     cfg = common.config_or_exit(Config(), argv, {"study": STUDIES, "loss": LOSSES, "wd_form": WD_FORMS}, check)
     try:
-        run = common.run_dir("xor", cfg.name, cfg.out)
+        run = common.open_run(cfg, "xor")
     except ConfigError as e:
         common.fail(str(e))
     device = common.pick_device(cfg.device)
     common.set_seed(cfg.seed)
-    common.save_config(cfg, run / "config.yaml")
     seeds = [cfg.seed + i for i in range(cfg.seeds)]
     print(f"run directory {run}  device {device}  XOR p={cfg.p} n={cfg.n} eps={cfg.eps}  study {cfg.study}")
     if cfg.study == "norm_ratio":
@@ -493,13 +531,14 @@ def main(argv=None):
         return study_weak_width(cfg, run, seeds, device)
 
     data = make_data(cfg.n, cfg.p, cfg.eps, cfg.n_test, cfg.data_seed, device)
-    record = common.RunRecord(run, new_summary(cfg, device), title="XOR cluster data")
+    record = common.RunRecord(run, new_summary(cfg, device), title="XOR cluster data",
+                              ckpt_every=cfg.ckpt_every, resume=cfg.resume)
 
     # 1. the wide network from scratch: grokking (Fig 4a)
-    record.phase_done("scratch", train_scratch(cfg, data, seeds, device))
+    record.phase_done("scratch", train_scratch(cfg, data, seeds, device, record.checkpoint("scratch")))
 
     # 2. the weak network with three neurons (Fig 4b); its neurons (Fig 4c); its embedding (Fig 5a)
-    hist, W, _ = train_weak(cfg, data, seeds, cfg.weak_width, device)
+    hist, W, _ = train_weak(cfg, data, seeds, cfg.weak_width, device, ckpt=record.checkpoint("weak"))
     feats = [neuron_features(W[k]) for k in range(len(seeds))]
     record.phase_done("weak", hist, extra=dict(weak_neuron_features=feats[0] if len(seeds) == 1 else feats,
                                                norm_ratio=[round(float(r), 6) for r in norm_ratio(W)]))
@@ -509,7 +548,7 @@ def main(argv=None):
     plot_embedding3d(fresh["x_train"] @ W[0], fresh["y_train"], run / "embedding3d.png")
 
     # 3. the target on the transferred embedding U = W (Theorem 3.2, Fig 9)
-    hist = train_target(cfg, data, W, seeds, device)
+    hist = train_target(cfg, data, W, seeds, device, record.checkpoint("groktransfer"))
     at1 = list(hist["epochs"]).index(1)
     one = dict(one_step_train_acc=[float(v) for v in hist["metrics"][at1, :, 1]],
                one_step_test_acc=[float(v) for v in hist["metrics"][at1, :, 3]])
@@ -571,12 +610,14 @@ def study_norm_ratio(cfg, run, seeds, device):
 def study_weak_width(cfg, run, seeds, device):
     """Fig 10, 11: weak models of each width in cfg.weak_widths, and the target trained on each embedding."""
     data = make_data(cfg.n, cfg.p, cfg.eps, cfg.n_test, cfg.data_seed, device)
-    record = common.RunRecord(run, new_summary(cfg, device), title="XOR, weak widths")
+    record = common.RunRecord(run, new_summary(cfg, device), title="XOR, weak widths",
+                              ckpt_every=cfg.ckpt_every, resume=cfg.resume)
     for width in cfg.weak_widths:
-        hist, W, _ = train_weak(cfg, data, seeds, width, device)
+        hist, W, _ = train_weak(cfg, data, seeds, width, device, ckpt=record.checkpoint(f"weak-{width}"))
         record.phase_done(f"weak-{width}", hist, extra=dict(weak_neuron_features=neuron_features(W[0])))
         plot_neurons(W[0], float(hist["metrics"][-1, 0, 3]), run / f"neurons_{width}.png")
-        record.phase_done(f"target-{width}", train_target(cfg, data, W, seeds, device))
+        record.phase_done(f"target-{width}", train_target(cfg, data, W, seeds, device,
+                                                        record.checkpoint(f"target-{width}")))
     png = common.plot_dynamics(run, title=f"weak widths {cfg.weak_widths}: weak model, then the target on its embedding")
     print(f"wrote {run / 'summary.json'} and {png}")
     return run
