@@ -422,14 +422,16 @@ class DenseMLP(nn.Module):
     model hands over as A.
     """
 
-    def __init__(self, embed: nn.Module | None, weights: list[torch.Tensor]):
+    def __init__(self, embed: nn.Module | None, weights: list[torch.Tensor], embed_act: bool = False):
         super().__init__()
-        self.embed = embed
+        self.embed, self.embed_act = embed, embed_act  # embed_act: ReLU after x E (E is then a layer)
         self.layers = nn.ParameterList([nn.Parameter(w) for w in weights])  # each (K, in, out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         K = self.layers[0].shape[0]
         h = self.embed.project(x) if self.embed is not None else x.expand(K, -1, -1)  # (K, n, d)
+        if self.embed is not None and self.embed_act:
+            h = torch.relu(h)
         for i, w in enumerate(self.layers):
             h = torch.bmm(h, w)
             if i < len(self.layers) - 1:
@@ -438,7 +440,7 @@ class DenseMLP(nn.Module):
 
 
 def dense_mlp(d_in: int, d_embed: int | None, widths: list[int], n_out: int, init_scales, seeds,
-              weak: torch.Tensor | None = None) -> DenseMLP:
+              weak: torch.Tensor | None = None, embed_act: bool = False) -> DenseMLP:
     """Build K DenseMLP members, member k from Generator(seeds[k]) (embedding first, then layers).
 
     d_embed None: no embedding, layers d_in -> widths -> n_out. Otherwise a linear embedding d_in ->
@@ -458,7 +460,7 @@ def dense_mlp(d_in: int, d_embed: int | None, widths: list[int], n_out: int, ini
         first = d_embed
     sizes = [first, *widths, n_out]
     weights = [torch.stack([linear_init(g, i, (i, o), c) for g, c in zip(gens, scales)]) for i, o in zip(sizes[:-1], sizes[1:])]
-    return DenseMLP(embed, weights)
+    return DenseMLP(embed, weights, embed_act)
 
 
 def n_members(model: nn.Module) -> int:
@@ -482,6 +484,12 @@ def cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 def accuracy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (logits.argmax(-1) == y).float().mean(1)
+
+
+def mse_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Squared error against one-hot labels, mean over points and classes (Liu et al.'s MNIST loss)."""
+    target = F.one_hot(y, logits.shape[-1]).to(logits.dtype)
+    return (logits.float() - target).pow(2).mean((1, 2))
 
 
 def logistic_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
