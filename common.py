@@ -789,8 +789,9 @@ def _progress(total: int, desc: str, quiet: bool):
 
 
 def first_epoch(epochs, values, threshold: float) -> int | None:
-    """First logged epoch with value >= threshold, or None if never."""
-    hit = np.flatnonzero(np.asarray(values) >= threshold)
+    """First logged epoch with value >= threshold, or None if never. Compared in float32, the precision
+    accuracies are computed in, so 190/200 counts as 95% whether read from memory or from metrics.csv."""
+    hit = np.flatnonzero(np.asarray(values, dtype=np.float32) >= np.float32(threshold))
     return int(np.asarray(epochs)[hit[0]]) if len(hit) else None
 
 

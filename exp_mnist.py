@@ -83,8 +83,12 @@ class Config:
     stop_at: float | None = None
     precision: str = "float32"
     # --- laziness (Kumar et al.): f~ = alpha (f - f_0), lr = lr0 / alpha^2 (alpha 1: plain training, no f_0)
-    # AdamW's decoupled decay shrinks by lr * wd per step; with lr = lr0 / alpha^2 we pass wd * alpha^2 so
-    # that shrink stays lr0 * wd for every alpha (otherwise alpha = 1e-4 would multiply weights by -3e4).
+    # lr = lr0 / alpha^alpha_lr_power. Kumar et al. (8.1) use power 2, derived for gradient descent: it
+    # keeps d f~/dt at t = 0 fixed. Under AdamW a step moves each weight by about lr whatever the gradient's
+    # size, so the same invariance needs power 1. With 2 and AdamW the sweep falls apart (README, "MNIST").
+    # AdamW's decoupled decay shrinks by lr * wd per step; we pass wd * alpha^power so that shrink stays
+    # lr0 * wd for every alpha (otherwise alpha = 1e-4 at power 2 would multiply the weights by -3e4).
+    alpha_lr_power: float = 2.0
     alpha: float = 1.0  # for the scratch phase of the default run
     study: str = "none"  # none, alpha, init_scale
     alphas: list[float] = field(default_factory=lambda: [1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0])
@@ -289,8 +293,9 @@ def main(argv=None):
         model = target_model(cfg, seeds, cfg.scratch_init_scale, device)
         if cfg.alpha != 1.0:
             model = Lazy(model, cfg.alpha)
-        hist = common.train(model, data, epochs=cfg.epochs, lr=cfg.scratch_lr / cfg.alpha ** 2,
-                            wd=cfg.scratch_wd * cfg.alpha ** 2, stop_at=cfg.stop_at, desc="scratch",
+        q = cfg.alpha_lr_power
+        hist = common.train(model, data, epochs=cfg.epochs, lr=cfg.scratch_lr / cfg.alpha ** q,
+                            wd=cfg.scratch_wd * cfg.alpha ** q, stop_at=cfg.stop_at, desc="scratch",
                             ckpt=record.checkpoint("scratch"), **opt)
         record.phase_done("scratch", hist, model, delays(hist))
 
@@ -323,8 +328,9 @@ def study(cfg, run, data, device, record, opt):
     if cfg.study == "alpha":
         K = len(cfg.alphas)
         model = Lazy(target_model(cfg, [cfg.seed] * K, cfg.study_init_scale, device), cfg.alphas)
-        hist = common.train(model, data, epochs=cfg.study_epochs, lr=[cfg.scratch_lr / a ** 2 for a in cfg.alphas],
-                            wd=[cfg.scratch_wd * a ** 2 for a in cfg.alphas], desc="alpha", ckpt=record.checkpoint("alpha"), **opt)
+        q = cfg.alpha_lr_power
+        hist = common.train(model, data, epochs=cfg.study_epochs, lr=[cfg.scratch_lr / a ** q for a in cfg.alphas],
+                            wd=[cfg.scratch_wd * a ** q for a in cfg.alphas], desc="alpha", ckpt=record.checkpoint("alpha"), **opt)
         runs.append(("alpha", hist, [f"alpha {a:g}" for a in cfg.alphas]))
     else:
         K = len(cfg.init_scales)
@@ -340,10 +346,13 @@ def study(cfg, run, data, device, record, opt):
         ep = hist["epochs"][1:]
         for k, label in enumerate(labels):
             color = plt.cm.viridis(k / max(1, K - 1))
-            ax.plot(ep, hist["metrics"][1:, k, 1], color=color, ls="--", lw=1)
+            m = hist["metrics"][1:, k].copy()
+            m[~np.isfinite(m[:, :4]).all(1)] = np.nan  # a diverged member's rows are not numbers: not drawn
+            ax.plot(ep, m[:, 1], color=color, ls="--", lw=1)
             delay = d["delay_60"][k] if isinstance(d["delay_60"], list) else d["delay_60"]
-            ax.plot(ep, hist["metrics"][1:, k, 3], color=color, lw=1.5,
-                    label=f"{label}: delay to 60% test {delay if delay is not None else '-'}")
+            failed = hist["failed_epoch"][k]
+            note = f"NaN/inf from epoch {failed}" if failed >= 0 else f"delay to 60% test {delay if delay is not None else '-'}"
+            ax.plot(ep, m[:, 3], color=color, lw=1.5, label=f"{label}: {note}")
         ax.set_xscale("log")
         ax.set_xlabel("epoch")
         ax.set_ylabel("accuracy (dashed: train, solid: test)")

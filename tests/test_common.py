@@ -438,3 +438,11 @@ def test_best_point_breaks_ties_by_test_loss_then_point():
     rows = [dict(base, point=0, final_test_loss=0.3), dict(base, point=1, final_test_loss=0.1),
             dict(base, point=2, final_test_loss=0.1), dict(base, point=3, final_test_loss=0.0, first_epoch_test_99=60)]
     assert common.best_point(rows)["point"] == 1
+
+
+def test_exactly_95_percent_counts_the_same_from_memory_and_from_metrics_csv(tmp_path):
+    acc = np.array([0.5, 190 / 200, 1.0], dtype=np.float32)  # float32 0.95 is 0.94999998...
+    h = dict(epochs=np.array([0, 10, 20]), metrics=np.stack([np.stack([[1, a, 1, a, 1]]) for a in acc]).astype(np.float32))
+    common.write_metrics(tmp_path / "metrics.csv", common.history_rows("x", h))
+    back = common.read_metrics(tmp_path / "metrics.csv")["x"]["metrics"][:, 0, 1]  # float64 from text
+    assert common.first_epoch(h["epochs"], acc, 0.95) == common.first_epoch(h["epochs"], back, 0.95) == 10
