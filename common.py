@@ -948,6 +948,33 @@ def transfer_point(hist: dict, transfer_at: float | None) -> dict:
                 transfer_target_reached=transfer_at is None or bool((hist["stop_epoch"] >= 0).all()))
 
 
+def weak_phase_done(record: RunRecord, hist: dict, model: nn.Module, weak: torch.Tensor, transfer_at: float | None,
+                    **meta) -> torch.Tensor:
+    """After a weak phase: where each member stopped (transfer_point), a warning when transfer_at was
+    never reached, embedding.pt ({'embedding', transfer fields, meta}) and the record's phase entry.
+    weak: the transferred matrix per member (K, V, r); returned as (V, r) for a one-member run."""
+    transfer = transfer_point(hist, transfer_at)
+    if weak.shape[0] == 1:
+        weak, transfer = weak[0], single(transfer)
+    if not transfer["transfer_target_reached"]:
+        print(f"[weak] warning: test accuracy never reached transfer_at = {transfer_at} in {hist['epochs_run']} "
+              f"epochs; transferring the final weights", file=sys.stderr)
+    save_atomic(dict(embedding=weak, **transfer, **meta), record.run / "embedding.pt")
+    record.phase_done("weak", hist, model, transfer)
+    return weak
+
+
+def require(cfg, positive=(), fractions=()):
+    """ConfigError unless every key in `positive` is > 0 and every key in `fractions` is none or in (0, 1]."""
+    for key in positive:
+        if getattr(cfg, key) <= 0:
+            raise ConfigError(f"{key} must be positive, got {getattr(cfg, key)}")
+    for key in fractions:
+        v = getattr(cfg, key)
+        if v is not None and not 0 < v <= 1:
+            raise ConfigError(f"{key} must be in (0, 1], got {v}")
+
+
 def single(d: dict) -> dict:
     """Per-member lists of length 1 -> their value (summaries of a one-seed run read as scalars)."""
     return {k: v[0] if isinstance(v, list) and len(v) == 1 else v for k, v in d.items()}

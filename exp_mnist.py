@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import gzip
 import io
-import math
 import pickle
-import sys
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,17 +107,10 @@ class Config:
 
 
 def check(cfg: Config):
-    for key in ("n_train", "n_test", "weak_width", "weak_epochs", "width", "epochs", "eval_every", "seeds", "study_epochs"):
-        if getattr(cfg, key) <= 0:
-            raise ConfigError(f"{key} must be positive, got {getattr(cfg, key)}")
-    for key in ("weak_lr", "gt_lr", "scratch_lr", "weak_init_scale", "gt_init_scale", "scratch_init_scale", "alpha",
-                "study_init_scale"):
-        if getattr(cfg, key) <= 0:
-            raise ConfigError(f"{key} must be positive, got {getattr(cfg, key)}")
-    for key in ("transfer_at", "stop_at"):
-        v = getattr(cfg, key)
-        if v is not None and not 0 < v <= 1:
-            raise ConfigError(f"{key} must be in (0, 1], got {v}")
+    common.require(cfg, positive=("n_train", "n_test", "weak_width", "weak_epochs", "width", "epochs", "eval_every",
+                                  "seeds", "study_epochs", "weak_lr", "gt_lr", "scratch_lr", "weak_init_scale",
+                                  "gt_init_scale", "scratch_init_scale", "alpha", "study_init_scale"),
+                   fractions=("transfer_at", "stop_at"))
     for key in ("alphas", "init_scales"):
         if not getattr(cfg, key) or any(v <= 0 for v in getattr(cfg, key)):
             raise ConfigError(f"{key} must be a non-empty list of positive numbers, got {getattr(cfg, key)}")
@@ -271,15 +262,7 @@ def main(argv=None):
         model = weak_model(cfg, seeds, device)
         hist = common.train(model, data, epochs=cfg.weak_epochs, lr=cfg.weak_lr, wd=cfg.weak_wd, stop_at=cfg.transfer_at,
                             desc="weak", ckpt=record.checkpoint("weak"), **opt)
-        weak = model.layers[0].detach().cpu()  # (K, 784, d_W)
-        transfer = common.transfer_point(hist, cfg.transfer_at)
-        if len(seeds) == 1:
-            transfer = common.single(transfer)
-        if not transfer["transfer_target_reached"]:
-            print(f"[weak] warning: test accuracy never reached transfer_at = {cfg.transfer_at}; "
-                  f"transferring the final first layer", file=sys.stderr)
-        common.save_atomic(dict(embedding=weak if len(seeds) > 1 else weak[0], **transfer), run / "embedding.pt")
-        record.phase_done("weak", hist, model, transfer)
+        weak = common.weak_phase_done(record, hist, model, model.layers[0].detach().cpu(), cfg.transfer_at)  # A: 784 x d_W
 
     # 2. the four-layer target with first layer A @ B
     if "groktransfer" in phases:

@@ -20,9 +20,7 @@ Every config key below is also a flag (--key value); `--config FILE.yaml` sets s
 from __future__ import annotations
 
 import dataclasses
-import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -119,13 +117,8 @@ def check(cfg: Config):
         raise ConfigError(f"op 'div' needs a prime p (every b != 0 invertible), got p = {cfg.p}")
     if not 0 < cfg.train_frac < 1:
         raise ConfigError(f"train_frac must be in (0, 1), got {cfg.train_frac}")
-    for key in ("weak_d_embed", "weak_width", "weak_epochs", "d_embed", "width", "epochs", "eval_every", "seeds"):
-        if getattr(cfg, key) <= 0:
-            raise ConfigError(f"{key} must be positive, got {getattr(cfg, key)}")
-    for key in ("transfer_at", "stop_at"):
-        v = getattr(cfg, key)
-        if v is not None and not 0 < v <= 1:
-            raise ConfigError(f"{key} must be in (0, 1], got {v}")
+    common.require(cfg, positive=("weak_d_embed", "weak_width", "weak_epochs", "d_embed", "width", "epochs",
+                                  "eval_every", "seeds"), fractions=("transfer_at", "stop_at"))
     phases = [s.strip() for s in cfg.phases.split(",") if s.strip()]
     if not phases or any(s not in PHASES for s in phases):
         raise ConfigError(f"phases must be a comma-separated subset of {', '.join(PHASES)}; got '{cfg.phases}'")
@@ -262,15 +255,8 @@ def main(argv=None):
         model = weak_model(cfg, seeds, device)
         hist = common.train(model, data, epochs=cfg.weak_epochs, lr=cfg.weak_lr, wd=cfg.weak_wd,
                             stop_at=cfg.transfer_at, desc="weak", ckpt=record.checkpoint("weak"), **opt)
-        weak = model.embed.weight.detach().cpu()  # (K, p, d_W); member k froze at its own transfer epoch
-        transfer = common.transfer_point(hist, cfg.transfer_at)
-        if len(seeds) == 1:
-            weak, transfer = weak[0], common.single(transfer)
-        if not transfer["transfer_target_reached"]:
-            print(f"[weak] warning: test accuracy never reached transfer_at = {cfg.transfer_at}; "
-                  f"transferring the final embedding", file=sys.stderr)
-        common.save_atomic(dict(embedding=weak, op=cfg.op, p=cfg.p, **transfer), run / "embedding.pt")
-        record.phase_done("weak", hist, model, transfer)
+        weak = common.weak_phase_done(record, hist, model, model.embed.weight.detach().cpu(), cfg.transfer_at,
+                                      op=cfg.op, p=cfg.p)  # (p, d_W), or (K, p, d_W) with --seeds
     elif weak is not None:
         record.summary["weak_embedding"] = cfg.weak_embedding
 

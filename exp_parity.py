@@ -19,7 +19,6 @@ Every config key below is also a flag (--key value).
 """
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -93,21 +92,14 @@ class Config:
 
 
 def check(cfg: Config):
-    for key in ("q", "k", "n", "n_test", "weak_width", "weak_epochs", "d_embed", "width", "epochs", "eval_every", "seeds"):
-        if getattr(cfg, key) <= 0:
-            raise ConfigError(f"{key} must be positive, got {getattr(cfg, key)}")
+    common.require(cfg, positive=("q", "k", "n", "n_test", "weak_width", "weak_epochs", "d_embed", "width", "epochs",
+                                  "eval_every", "seeds", "weak_init_scale", "weak_lr", "gt_init_scale", "gt_lr",
+                                  "scratch_init_scale", "scratch_lr"), fractions=("transfer_at", "stop_at"))
     if cfg.k > cfg.q:
         raise ConfigError(f"k must be <= q, got k = {cfg.k}, q = {cfg.q}")
     if cfg.support:
         if len(cfg.support) != cfg.k or len(set(cfg.support)) != cfg.k or not all(1 <= i <= cfg.q for i in cfg.support):
             raise ConfigError(f"support must be {cfg.k} distinct coordinates in 1..{cfg.q}, got {cfg.support}")
-    for key in ("transfer_at", "stop_at"):
-        v = getattr(cfg, key)
-        if v is not None and not 0 < v <= 1:
-            raise ConfigError(f"{key} must be in (0, 1], got {v}")
-    for key in ("weak_init_scale", "weak_lr", "gt_init_scale", "gt_lr", "scratch_init_scale", "scratch_lr"):
-        if getattr(cfg, key) <= 0:
-            raise ConfigError(f"{key} must be positive, got {getattr(cfg, key)}")
     phases = [s.strip() for s in cfg.phases.split(",") if s.strip()]
     if not phases or any(s not in PHASES for s in phases):
         raise ConfigError(f"phases must be a comma-separated subset of {', '.join(PHASES)}; got '{cfg.phases}'")
@@ -178,15 +170,7 @@ def main(argv=None):
         model = weak_model(cfg, seeds, device)
         hist = common.train(model, data, epochs=cfg.weak_epochs, lr=cfg.weak_lr, wd=cfg.weak_wd,
                             stop_at=cfg.transfer_at, desc="weak", ckpt=record.checkpoint("weak"), **opt)
-        weak = model.layers[0].detach().cpu()  # (K, q, 16): member k froze at its own transfer epoch
-        transfer = common.transfer_point(hist, cfg.transfer_at)
-        if len(seeds) == 1:
-            transfer = common.single(transfer)
-        if not transfer["transfer_target_reached"]:
-            print(f"[weak] warning: test accuracy never reached transfer_at = {cfg.transfer_at} in "
-                  f"{cfg.weak_epochs} epochs; transferring the final first layer", file=sys.stderr)
-        common.save_atomic(dict(embedding=weak if len(seeds) > 1 else weak[0], **transfer), run / "embedding.pt")
-        record.phase_done("weak", hist, model, transfer)
+        weak = common.weak_phase_done(record, hist, model, model.layers[0].detach().cpu(), cfg.transfer_at)  # A: q x 16
 
     if cfg.grid:
         meta = dict(experiment="parity", q=cfg.q, k=cfg.k, support=support, n=cfg.n, n_test=cfg.n_test,
@@ -196,7 +180,7 @@ def main(argv=None):
         default = ((cfg.gt_init_scale, cfg.gt_lr, cfg.gt_wd) if cfg.grid_phase == "groktransfer"
                    else (cfg.scratch_init_scale, cfg.scratch_lr, cfg.scratch_wd))
         return common.grid_main(cfg, run, data, lambda scales: target_model(
-            cfg, [cfg.seed] * len(scales), scales, device, weak=weak[0] if cfg.grid_phase == "groktransfer" else None),
+            cfg, [cfg.seed] * len(scales), scales, device, weak=weak if cfg.grid_phase == "groktransfer" else None),
             meta, default=default, title=f"({cfg.q}, {cfg.k})-parity", **LOSS)
 
     # 2. target via GrokTransfer: first layer x A B, A = weak first layer, B random; both trainable

@@ -34,7 +34,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
