@@ -157,6 +157,20 @@ def make_data(n: int, p: int, eps: float, n_test: int, seed: int, device) -> dic
                 s_test=test.to(device), y_test=(test[:, 0] * test[:, 1]).float().to(device), scale=scale.to(device))
 
 
+def embed_fresh(n: int, p: int, eps: float, seed: int, W: torch.Tensor, rows: int = 200):
+    """n fresh points seen through a first layer W (p, r): (W^T x (n, r), y (n,)), drawn `rows` at a
+    time so that a dense (n, p) block never exists (4000 x 80000 floats would be 1.3 GB)."""
+    gen = torch.Generator().manual_seed(seed)
+    scale = torch.full((p,), eps)
+    scale[:2] = 1.0
+    E, y = [], []
+    for i in range(0, n, rows):
+        s = make_signs(min(rows, n - i), p, gen)
+        E.append((s * scale).to(W.device) @ W)
+        y.append((s[:, 0] * s[:, 1]).float())
+    return torch.cat(E), torch.cat(y)
+
+
 def chunks_of_test(data: dict, rows: int = 0):
     """Yield (row slice, float test inputs) in chunks of at most ~64 MB."""
     s, p = data["s_test"], data["s_test"].shape[1]
@@ -543,8 +557,7 @@ def main(argv=None):
                                                norm_ratio=[round(float(r), 6) for r in norm_ratio(W)]))
     common.save_atomic(dict(U=W.cpu(), p=cfg.p, n=cfg.n, eps=cfg.eps), run / "embedding.pt")
     plot_neurons(W[0], float(hist["metrics"][-1, 0, 3]), run / "neurons.png")
-    fresh = make_data(4000, cfg.p, cfg.eps, 1, cfg.data_seed + 1, device)
-    plot_embedding3d(fresh["x_train"] @ W[0], fresh["y_train"], run / "embedding3d.png")
+    plot_embedding3d(*embed_fresh(4000, cfg.p, cfg.eps, cfg.data_seed + 1, W[0]), run / "embedding3d.png")
 
     # 3. the target on the transferred embedding U = W (Theorem 3.2, Fig 9)
     hist = train_target(cfg, data, W, seeds, device, record.checkpoint("groktransfer"))
