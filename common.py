@@ -1168,8 +1168,9 @@ def check_grid(cfg):
             raise ConfigError("a grid trains one seed per point; leave seeds at 1 (use seed to pick it)")
         for key in ("grid_init_scales", "grid_lrs", "grid_wds"):
             values = getattr(cfg, key)
-            if not values or any(v <= 0 for v in values):
-                raise ConfigError(f"{key} must be a non-empty list of positive numbers, got {values}")
+            if not values or any(v < 0 if key == "grid_wds" else v <= 0 for v in values):
+                kind = "non-negative" if key == "grid_wds" else "positive"
+                raise ConfigError(f"{key} must be a non-empty list of {kind} numbers, got {values}")
         if not 0 < cfg.grid_stop_at <= 1:
             raise ConfigError(f"grid_stop_at must be in (0, 1], got {cfg.grid_stop_at}")
     elif cfg.shard:

@@ -93,6 +93,16 @@ class Config:
     study_init_scale: float = 8.0  # the alpha study's init scale (the grokking one)
     init_scales: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0, 4.0, 8.0])  # --study init_scale
     study_epochs: int = 10_000
+    # --- grid search (as exp_modular.py; README "Many runs at once")
+    grid: bool = False
+    grid_phase: str = "scratch"
+    grid_init_scales: list[float] = field(default_factory=lambda: list(common.PAPER_GRID["init_scales"]))
+    grid_lrs: list[float] = field(default_factory=lambda: list(common.PAPER_GRID["lrs"]))
+    grid_wds: list[float] = field(default_factory=lambda: list(common.PAPER_GRID["wds"]))
+    grid_stop_at: float = 0.7  # 200 images: test accuracy tops out near 80%, so 99% would select nothing
+    members: int = 0  # grid points trained at once; 0 = as many as fit in memory
+    shard: str = ""  # i/n
+    merge: list[str] = field(default_factory=list)  # shard run directories to combine
     # --- runtime
     phases: str = "weak,groktransfer,scratch"
     seed: int = 0
@@ -121,6 +131,7 @@ def check(cfg: Config):
         raise ConfigError(f"phases must be a comma-separated subset of {', '.join(PHASES)}; got '{cfg.phases}'")
     if "groktransfer" in phases and "weak" not in phases:
         raise ConfigError("phase 'groktransfer' needs the 'weak' phase")
+    common.check_grid(cfg)
     common.pick_device(cfg.device)
 
 
@@ -236,7 +247,10 @@ class Lazy(nn.Module):
 
 
 def main(argv=None):
-    cfg = common.config_or_exit(Config(), argv, {"study": STUDIES, "loss": tuple(LOSSES), "precision": common.PRECISIONS}, check)
+    cfg = common.config_or_exit(Config(), argv, {"study": STUDIES, "loss": tuple(LOSSES), "precision": common.PRECISIONS,
+                                                 "grid_phase": common.GRID_PHASES}, check)
+    if cfg.merge:
+        return common.merge_main(cfg, "mnist", title=lambda meta: f"MNIST, {meta['n_train']} images")
     device = common.pick_device(cfg.device)
     try:
         data = make_data(cfg.data_dir, cfg.n_train, cfg.n_test, cfg.data_seed, device)
@@ -246,6 +260,8 @@ def main(argv=None):
     common.set_seed(cfg.seed, cfg.deterministic)
     seeds = [cfg.seed + i for i in range(cfg.seeds)]
     phases = [s.strip() for s in cfg.phases.split(",") if s.strip()]
+    if cfg.grid:  # the weak phase only when the grid is over GrokTransfer targets
+        phases = ["weak"] if cfg.grid_phase == "groktransfer" else []
     print(f"run directory {run}  device {device}  MNIST {cfg.n_train} train / {cfg.n_test} test  "
           + (f"study {cfg.study}" if cfg.study != "none" else f"phases {', '.join(phases)}"))
     opt = dict(betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, eval_every=cfg.eval_every, quiet=cfg.quiet,
@@ -263,6 +279,16 @@ def main(argv=None):
         hist = common.train(model, data, epochs=cfg.weak_epochs, lr=cfg.weak_lr, wd=cfg.weak_wd, stop_at=cfg.transfer_at,
                             desc="weak", ckpt=record.checkpoint("weak"), **opt)
         weak = common.weak_phase_done(record, hist, model, model.layers[0].detach().cpu(), cfg.transfer_at)  # A: 784 x d_W
+
+    if cfg.grid:
+        meta = dict(experiment="mnist", n_train=cfg.n_train, n_test=cfg.n_test, data_seed=cfg.data_seed, loss=cfg.loss,
+                    width=cfg.width, weak=dict(width=cfg.weak_width, transfer_at=cfg.transfer_at, init_scale=cfg.weak_init_scale,
+                                               lr=cfg.weak_lr, wd=cfg.weak_wd) if cfg.grid_phase == "groktransfer" else None)
+        default = ((cfg.gt_init_scale, cfg.gt_lr, cfg.gt_wd) if cfg.grid_phase == "groktransfer"
+                   else (cfg.scratch_init_scale, cfg.scratch_lr, cfg.scratch_wd))
+        return common.grid_main(cfg, run, data, lambda scales: target_model(
+            cfg, [cfg.seed] * len(scales), scales, device, weak=weak if cfg.grid_phase == "groktransfer" else None),
+            meta, default=default, title=f"MNIST, {cfg.n_train} images", loss_fn=opt["loss_fn"], acc_fn=opt["acc_fn"])
 
     # 2. the four-layer target with first layer A @ B
     if "groktransfer" in phases:

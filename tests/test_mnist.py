@@ -145,3 +145,12 @@ def test_bad_input_exits_2(idx_dir, tmp_path, args, words):
     r = run_script("--config", str(SMOKE), "--data_dir", str(idx_dir), "--out", str(tmp_path / "run"), *args, cwd=tmp_path)
     assert r.returncode == 2 and words in r.stderr and r.stderr.count("\n") == 1, r.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_mnist_grid_runs_offline(idx_dir, tmp_path):
+    r = run_script("--config", str(SMOKE), "--data_dir", str(idx_dir), "--grid", "--grid_init_scales", "1",
+                   "--grid_lrs", "1e-3", "--grid_wds", "0", "0.3", "--grid_stop_at", "0.5", "--quiet", "--out", str(tmp_path / "g"))
+    assert r.returncode == 0, r.stderr
+    rows = common.read_grid(tmp_path / "g" / "grid.csv")
+    assert [r["wd"] for r in rows] == [0.0, 0.3] and {r["status"] for r in rows} <= {"reached", "not_reached"}
+    assert json.loads((tmp_path / "g" / "grid.json").read_text())["experiment"] == "mnist"
