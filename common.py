@@ -975,6 +975,14 @@ def require(cfg, positive=(), fractions=()):
             raise ConfigError(f"{key} must be in (0, 1], got {v}")
 
 
+def phase_list(text: str, allowed: tuple[str, ...]) -> list[str]:
+    """'weak,groktransfer' -> ['weak', 'groktransfer']; ConfigError on an empty list or an unknown phase."""
+    phases = [s.strip() for s in text.split(",") if s.strip()]
+    if not phases or any(s not in allowed for s in phases):
+        raise ConfigError(f"phases must be a comma-separated subset of {', '.join(allowed)}; got '{text}'")
+    return phases
+
+
 def single(d: dict) -> dict:
     """Per-member lists of length 1 -> their value (summaries of a one-seed run read as scalars)."""
     return {k: v[0] if isinstance(v, list) and len(v) == 1 else v for k, v in d.items()}

@@ -126,9 +126,7 @@ def check(cfg: Config):
             raise ConfigError(f"{key} must be a non-empty list of positive numbers, got {getattr(cfg, key)}")
     if cfg.ckpt_every < 0:
         raise ConfigError(f"ckpt_every must be >= 0, got {cfg.ckpt_every}")
-    phases = [s.strip() for s in cfg.phases.split(",") if s.strip()]
-    if not phases or any(s not in PHASES for s in phases):
-        raise ConfigError(f"phases must be a comma-separated subset of {', '.join(PHASES)}; got '{cfg.phases}'")
+    phases = common.phase_list(cfg.phases, PHASES)
     if "groktransfer" in phases and "weak" not in phases:
         raise ConfigError("phase 'groktransfer' needs the 'weak' phase")
     common.check_grid(cfg)
@@ -259,7 +257,7 @@ def main(argv=None):
         common.fail(str(e))
     common.set_seed(cfg.seed, cfg.deterministic)
     seeds = [cfg.seed + i for i in range(cfg.seeds)]
-    phases = [s.strip() for s in cfg.phases.split(",") if s.strip()]
+    phases = common.phase_list(cfg.phases, PHASES)
     if cfg.grid:  # the weak phase only when the grid is over GrokTransfer targets
         phases = ["weak"] if cfg.grid_phase == "groktransfer" else []
     print(f"run directory {run}  device {device}  MNIST {cfg.n_train} train / {cfg.n_test} test  "

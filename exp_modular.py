@@ -119,9 +119,7 @@ def check(cfg: Config):
         raise ConfigError(f"train_frac must be in (0, 1), got {cfg.train_frac}")
     common.require(cfg, positive=("weak_d_embed", "weak_width", "weak_epochs", "d_embed", "width", "epochs",
                                   "eval_every", "seeds"), fractions=("transfer_at", "stop_at"))
-    phases = [s.strip() for s in cfg.phases.split(",") if s.strip()]
-    if not phases or any(s not in PHASES for s in phases):
-        raise ConfigError(f"phases must be a comma-separated subset of {', '.join(PHASES)}; got '{cfg.phases}'")
+    phases = common.phase_list(cfg.phases, PHASES)
     if "groktransfer" in phases and "weak" not in phases and not cfg.weak_embedding:
         raise ConfigError("phase 'groktransfer' needs the 'weak' phase or --weak_embedding PATH")
     for key in ("weak_lr", "gt_lr", "scratch_lr", "weak_init_scale", "gt_init_scale", "scratch_init_scale"):
@@ -235,7 +233,7 @@ def main(argv=None):
         common.fail(str(e))
     device = common.pick_device(cfg.device)
     common.set_seed(cfg.seed, cfg.deterministic)
-    phases = [s.strip() for s in cfg.phases.split(",") if s.strip()]
+    phases = common.phase_list(cfg.phases, PHASES)
     if cfg.grid:  # the weak phase only when the grid is over GrokTransfer targets and no embedding was given
         phases = ["weak"] if cfg.grid_phase == "groktransfer" and weak_loaded is None else []
     print(f"run directory {run}  device {device}  {cfg.op} mod {cfg.p}  "

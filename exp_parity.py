@@ -100,9 +100,7 @@ def check(cfg: Config):
     if cfg.support:
         if len(cfg.support) != cfg.k or len(set(cfg.support)) != cfg.k or not all(1 <= i <= cfg.q for i in cfg.support):
             raise ConfigError(f"support must be {cfg.k} distinct coordinates in 1..{cfg.q}, got {cfg.support}")
-    phases = [s.strip() for s in cfg.phases.split(",") if s.strip()]
-    if not phases or any(s not in PHASES for s in phases):
-        raise ConfigError(f"phases must be a comma-separated subset of {', '.join(PHASES)}; got '{cfg.phases}'")
+    phases = common.phase_list(cfg.phases, PHASES)
     if "groktransfer" in phases and "weak" not in phases:
         raise ConfigError("phase 'groktransfer' needs the 'weak' phase")
     if cfg.ckpt_every < 0:
@@ -150,7 +148,7 @@ def main(argv=None):
     device = common.pick_device(cfg.device)
     common.set_seed(cfg.seed, cfg.deterministic)
     support = cfg.support or list(range(1, cfg.k + 1))
-    phases = [s.strip() for s in cfg.phases.split(",") if s.strip()]
+    phases = common.phase_list(cfg.phases, PHASES)
     if cfg.grid:  # the weak phase only when the grid is over GrokTransfer targets
         phases = ["weak"] if cfg.grid_phase == "groktransfer" else []
     print(f"run directory {run}  device {device}  ({cfg.q}, {cfg.k})-parity on S = {support}  "
