@@ -17,8 +17,12 @@ counted, so the figure understates the work done, the same way for every row.
 Usage:
   python bench.py                        # the issue's table, on CUDA if present; writes bench.json
   python bench.py --device cpu --p 23 --d_embed 16 --width 32 --epochs 20 --Ks 2 4 --out /tmp/b.json
+  python bench.py --workload transformer8 --Ks 1   # Fig 6's 8-layer transformer: ms/epoch per precision
+  python bench.py --workload transformer2           # Fig 8's 2-layer transformer
+The transformer workloads (exp_transformer's models on the same a+b mod 113 data, tokens (a, b)) have
+no reference row: the trainer rows at each precision, K = 1 first. Their FLOPs per model-epoch are
+common.transformer_flops (every matmul, attention scores included, x 3 for the backward).
 The numbers that count come from a GPU; the CPU run exists for the tests and for a quick look.
-The transformer rows (8- and 2-layer, issue 7) are still to come with exp_transformer.py.
 """
 from __future__ import annotations
 
@@ -36,8 +40,16 @@ import exp_modular
 from common import ConfigError
 
 
+TRANSFORMERS = {  # exp_transformer's shapes: Fig 6 (8 layers) and Fig 8 (2 layers)
+    "transformer8": dict(n_layers=8, d_model=512, d_mlp=512, n_heads=4, d_head=128),
+    "transformer2": dict(n_layers=2, d_model=128, d_mlp=512, n_heads=4, d_head=32),
+}
+WORKLOADS = ("fnn", *TRANSFORMERS)
+
+
 @dataclass
 class Config:
+    workload: str = "fnn"  # fnn (issue 7's table), transformer8 or transformer2 (issue 5)
     p: int = 113  # modulus of the workload (the paper's)
     train_frac: float = 0.25  # 25% of the p^2 pairs train
     d_embed: int = 128  # target embedding dimension
@@ -111,7 +123,11 @@ def reference_loop(cfg, data, epochs):
 
 
 def trainer_run(cfg, data, epochs, K, precision):
-    model = exp_modular.target_model(cfg, list(range(K)), 1.0, data["x_train"].device)
+    if cfg.workload == "fnn":
+        model = exp_modular.target_model(cfg, list(range(K)), 1.0, data["x_train"].device)
+    else:
+        model = common.transformer(cfg.p, 2, cfg.p, **TRANSFORMERS[cfg.workload], init_scales=1.0,
+                                   seeds=list(range(K))).to(data["x_train"].device)
     common.train(model, data, epochs=epochs, lr=cfg.lr, wd=cfg.wd, eval_every=cfg.eval_every, quiet=True,
                  precision=precision)
 
@@ -132,19 +148,26 @@ def measure(fn, cfg, device):
 
 
 def main(argv=None):
-    cfg = common.config_or_exit(Config(), argv, check=check)
+    cfg = common.config_or_exit(Config(), argv, {"workload": WORKLOADS}, check)
     device = common.pick_device(cfg.device)
     data = exp_modular.make_data("add", cfg.p, cfg.train_frac, 0, device)
     n_train = len(data["y_train"])
-    flops = 6 * n_train * (2 * cfg.d_embed * cfg.width + cfg.width * cfg.width + cfg.width * cfg.p)  # per model-epoch
+    if cfg.workload == "fnn":
+        flops = 6 * n_train * (2 * cfg.d_embed * cfg.width + cfg.width * cfg.width + cfg.width * cfg.p)  # per model-epoch
+        model_text = f"FNN {cfg.d_embed}/{cfg.width}"
+        runs = [("reference", 1, "float32", lambda e: reference_loop(cfg, data, e)),
+                ("trainer", 1, "float32", lambda e: trainer_run(cfg, data, e, 1, "float32"))]
+    else:
+        shape = TRANSFORMERS[cfg.workload]
+        flops = common.transformer_flops(2 * n_train, shape["n_layers"], shape["d_model"], shape["d_mlp"],
+                                         shape["n_heads"], shape["d_head"], 2, cfg.p, n_train)
+        model_text = f"transformer {shape}"
+        runs = [("trainer", 1, prec, lambda e, prec=prec: trainer_run(cfg, data, e, 1, prec)) for prec in cfg.precisions]
     name = str(device) if device.type == "cpu" else torch.cuda.get_device_name(device)
-    print(f"device {name}  workload: add mod {cfg.p}, {n_train} train, FNN {cfg.d_embed}/{cfg.width}, "
-          f"{cfg.epochs} timed epochs")
+    print(f"device {name}  workload: add mod {cfg.p}, {n_train} train, {model_text}, {cfg.epochs} timed epochs")
 
-    runs = [("reference", 1, "float32", lambda e: reference_loop(cfg, data, e)),
-            ("trainer", 1, "float32", lambda e: trainer_run(cfg, data, e, 1, "float32"))]
     runs += [("trainer", K, prec, lambda e, K=K, prec=prec: trainer_run(cfg, data, e, K, prec))
-             for K in cfg.Ks for prec in cfg.precisions]
+             for K in cfg.Ks for prec in cfg.precisions if cfg.workload == "fnn" or K > 1]
     rows, ref_ms = [], None
     print(f"{'loop':10s} {'K':>4s} {'precision':>9s} {'ms/model-epoch':>15s} {'x ref':>7s} {'TFLOP/s':>8s} {'peak MiB':>9s}")
     for loop, K, prec, fn in runs:
@@ -156,7 +179,7 @@ def main(argv=None):
             rows.append(dict(loop=loop, K=K, precision=prec, error="out of memory"))
             continue
         ms = 1e3 * wall / cfg.epochs / K
-        ref_ms = ref_ms or ms
+        ref_ms = ref_ms or ms  # the first row: the reference loop (fnn) or the trainer at K = 1, first precision
         row = dict(loop=loop, K=K, precision=prec, ms_per_model_epoch=round(ms, 4),
                    speedup_vs_reference=round(ref_ms / ms, 2), tflops=float(f"{flops * K * cfg.epochs / wall / 1e12:.4g}"),
                    peak_mib=None if peak is None else round(peak, 1))
@@ -164,8 +187,9 @@ def main(argv=None):
         print(f"{loop:10s} {K:4d} {prec:>9s} {ms:15.3f} {row['speedup_vs_reference']:7.2f} {row['tflops']:8.3f} "
               f"{'-' if peak is None else f'{peak:9.0f}':>9s}", flush=True)
     common.save_json(dict(device=name, torch=torch.__version__, workload=dict(
-        op="add", p=cfg.p, n_train=n_train, d_embed=cfg.d_embed, width=cfg.width, epochs=cfg.epochs,
-        eval_every=cfg.eval_every, flops_per_model_epoch=flops), rows=rows), cfg.out)
+        model=cfg.workload, op="add", p=cfg.p, n_train=n_train, epochs=cfg.epochs, eval_every=cfg.eval_every,
+        **(TRANSFORMERS.get(cfg.workload) or dict(d_embed=cfg.d_embed, width=cfg.width)),
+        flops_per_model_epoch=flops), rows=rows), cfg.out)
     print(f"wrote {cfg.out}")
     return rows
 

@@ -463,6 +463,78 @@ def dense_mlp(d_in: int, d_embed: int | None, widths: list[int], n_out: int, ini
     return DenseMLP(embed, weights, embed_act)
 
 
+class Transformer(nn.Module):
+    """K decoder-only transformers laid out as in Nanda et al. (2023): learned token and position
+    embeddings, then n_layers residual blocks h += Attn(h); h += MLP(h), no LayerNorm, and logits
+    read at the last position, W_U h[-1]. Attention is causal multi-head, softmax(q k^T / sqrt(d_head)),
+    through torch's scaled_dot_product_attention; Q, K, V, O have no biases and the MLP is
+    W_out relu(W_in h + b_in) + b_out (Nanda's). Weights are stacked per member: (K, in, out).
+
+    embed: Embedding or FactoredEmbedding (its table() is (K, vocab, d_model)); pos: (K, n_ctx, d_model).
+    """
+
+    def __init__(self, embed: nn.Module, pos: torch.Tensor, blocks: list[dict], unembed: torch.Tensor, n_heads: int):
+        super().__init__()
+        self.embed, self.n_heads = embed, n_heads
+        self.pos = nn.Parameter(pos)  # (K, n_ctx, d)
+        self.blocks = nn.ModuleList(nn.ParameterDict({k: nn.Parameter(v) for k, v in b.items()}) for b in blocks)
+        self.unembed = nn.Parameter(unembed)  # (K, d, n_out)
+
+    def forward(self, x: torch.Tensor, all_positions: bool = False) -> torch.Tensor:
+        """x (n, T) tokens -> logits (K, n, n_out) at the last position, or (K, n, T, n_out)."""
+        table = self.embed.table()  # (K, V, d)
+        K, d = table.shape[0], table.shape[2]
+        n, T = x.shape
+        h = (table[:, x] + self.pos[:, None, :T]).reshape(K, n * T, d)  # (K, n T, d): one bmm per weight
+        for b in self.blocks:
+            qkv = torch.bmm(h, b["w_qkv"]).view(K * n, T, 3, self.n_heads, -1)  # (K n, T, 3, H, d_head)
+            q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (K n, H, T, d_head)
+            z = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (K n, H, T, d_head)
+            h = h + torch.bmm(z.transpose(1, 2).reshape(K, n * T, -1), b["w_o"])
+            h = h + torch.bmm(torch.relu(torch.bmm(h, b["w_in"]) + b["b_in"]), b["w_out"]) + b["b_out"]
+        if all_positions:
+            return torch.bmm(h, self.unembed).view(K, n, T, -1)
+        last = h.view(K, n, T, d)[:, :, -1]  # (K, n, d)
+        return torch.bmm(last, self.unembed)  # (K, n, n_out) logits
+
+
+def transformer(vocab: int, n_ctx: int, n_out: int, *, n_layers: int, d_model: int, d_mlp: int, n_heads: int,
+                d_head: int, init_scales, seeds, weak: torch.Tensor | None = None) -> Transformer:
+    """Build K Transformer members, member k from Generator(seeds[k]), with PyTorch's default inits
+    times init_scale (the paper's "init scale"): token and position embeddings as nn.Embedding,
+    N(0, 1); every weight and bias as nn.Linear, U(+-1/sqrt(fan_in)). With `weak` (vocab, r) or
+    (K, vocab, r), the token embedding is FactoredEmbedding(A = weak, B random) as in token_mlp.
+    """
+    K = len(seeds)
+    scales = _per_member(init_scales, K)
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+
+    def linear(fan_in, shape):
+        return torch.stack([linear_init(g, fan_in, shape, c) for g, c in zip(gens, scales)])
+
+    if weak is None:
+        embed = Embedding(torch.stack([embedding_init(g, (vocab, d_model), c) for g, c in zip(gens, scales)]))
+    else:
+        embed = factored_embedding(weak, vocab, d_model, scales, [s + 10_000_019 for s in seeds])
+    pos = torch.stack([embedding_init(g, (n_ctx, d_model), c) for g, c in zip(gens, scales)])
+    hd = n_heads * d_head
+    blocks = [dict(w_qkv=linear(d_model, (d_model, 3 * hd)), w_o=linear(hd, (hd, d_model)),
+                   w_in=linear(d_model, (d_model, d_mlp)), b_in=linear(d_model, (1, d_mlp)),
+                   w_out=linear(d_mlp, (d_mlp, d_model)), b_out=linear(d_mlp, (1, d_model)))
+              for _ in range(n_layers)]
+    return Transformer(embed, pos, blocks, linear(d_model, (d_model, n_out)), n_heads)
+
+
+def transformer_flops(n_tokens: int, n_layers: int, d_model: int, d_mlp: int, n_heads: int, d_head: int, n_ctx: int,
+                      n_out: int, n_seqs: int) -> int:
+    """Training FLOPs of one full-batch epoch (forward + backward = 3 x forward): 2 per multiply-add of
+    every matmul over n_tokens token positions, attention scores and mixing included, plus the
+    unembedding at the last position of each of n_seqs sequences."""
+    hd = n_heads * d_head
+    per_token = n_layers * (d_model * 3 * hd + hd * d_model + 2 * d_model * d_mlp + 2 * n_ctx * hd)
+    return 6 * (n_tokens * per_token + n_seqs * d_model * n_out)
+
+
 def n_members(model: nn.Module) -> int:
     return next(model.parameters()).shape[0]
 
@@ -507,9 +579,34 @@ def sign_accuracy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 # torch.optim.AdamW (single-tensor path): p *= 1 - lr*wd; m, v moments; p -= lr/bc1 * m/(sqrt(v)/sqrt(bc2)+eps)
 
 
+class GrokFast:
+    """Lee et al. (2024)'s EMA gradient filter ("Grokfast-EMA"), applied after backward and before
+    the optimizer step: h <- alpha h + (1 - alpha) g, then g <- g + lamb h, per parameter tensor.
+    h starts as the first gradient (as in Lee et al.'s code), so step 1 gives g + lamb g.
+    The state h is per member like every parameter (leading dimension K)."""
+
+    def __init__(self, alpha: float = 0.98, lamb: float = 2.0):
+        if not 0 <= alpha < 1 or lamb < 0:
+            raise ConfigError(f"GrokFast needs 0 <= alpha < 1 and lamb >= 0; got alpha {alpha}, lamb {lamb}")
+        self.alpha, self.lamb = alpha, lamb
+        self.h: list[torch.Tensor] | None = None
+
+    @torch.no_grad()
+    def apply(self, params: list[torch.Tensor]):
+        grads = [p.grad for p in params]
+        if self.h is None:
+            self.h = [g.detach().clone() for g in grads]
+        else:
+            for h, g in zip(self.h, grads):
+                h.lerp_(g, 1 - self.alpha)  # alpha h + (1 - alpha) g
+        for h, g in zip(self.h, grads):
+            g.add_(h, alpha=self.lamb)
+
+
 class AdamW:
-    def __init__(self, params, lr, wd, betas=(0.9, 0.999), eps=1e-8):
+    def __init__(self, params, lr, wd, betas=(0.9, 0.999), eps=1e-8, grokfast: GrokFast | None = None):
         self.params = [p for p in params]
+        self.grokfast = grokfast  # filters the gradients at the start of every step
         K = self.params[0].shape[0]
         dev = self.params[0].device
         self.lr = torch.tensor(_per_member(lr, K), device=dev)  # (K,)
@@ -525,6 +622,8 @@ class AdamW:
         self.step_count += 1
         b1, b2 = self.betas
         bc1, bc2_sqrt = 1 - b1 ** self.step_count, math.sqrt(1 - b2 ** self.step_count)
+        if self.grokfast is not None:
+            self.grokfast.apply(self.params)
         for p, m, v in zip(self.params, self.m, self.v):
             shape = (-1,) + (1,) * (p.dim() - 1)
             lr, wd = self.lr.view(shape), self.wd.view(shape)
@@ -641,12 +740,14 @@ def _keep_members(model, opt, keep: torch.Tensor):
     opt.params = [new[id(p)] for p in opt.params]
     opt.m, opt.v = [m[keep] for m in opt.m], [v[keep] for v in opt.v]
     opt.lr, opt.wd, opt.active = opt.lr[keep], opt.wd[keep], opt.active[keep]
+    if opt.grokfast is not None and opt.grokfast.h is not None:
+        opt.grokfast.h = [h[keep] for h in opt.grokfast.h]
 
 
 def train(model, data, *, epochs: int, lr, wd, betas=(0.9, 0.999), eps=1e-8, eval_every: int = 10,
           stop_at: float | None = None, loss_fn=cross_entropy, acc_fn=accuracy, desc: str = "train",
           quiet: bool = False, precision: str = "float32", compact: bool = False,
-          ckpt: "Checkpoint | None" = None) -> dict:
+          ckpt: "Checkpoint | None" = None, grokfast: tuple[float, float] | None = None) -> dict:
     """Full-batch AdamW on all K members of `model` for `epochs` epochs; returns the history.
 
     data: dict of device tensors x_train, y_train, x_test, y_test.
@@ -664,18 +765,21 @@ def train(model, data, *, epochs: int, lr, wd, betas=(0.9, 0.999), eps=1e-8, eva
     ckpt.resume, continue from the saved state (a finished phase returns its saved history at once).
     Ctrl-C (SIGINT) saves a checkpoint at the end of the current step, calls ckpt.on_interrupt(history
     so far) and exits with status 130.
+    grokfast: (alpha, lamb): filter every gradient with GrokFast before the AdamW step.
     Returns dict: epochs (E,), metrics (E, K, 5) numpy, stop_epoch / failed_epoch (K,) (-1 = never),
-    epochs_run, wall_s.
+    epochs_run, wall_s, compute_s (E,): seconds spent training (forward, backward, optimizer) up to
+    each logged epoch, evaluation excluded (the device is synchronised around every evaluation).
     """
     K = n_members(model)
     device = next(model.parameters()).device
-    opt = AdamW(model.parameters(), lr, wd, betas, eps)
+    opt = AdamW(model.parameters(), lr, wd, betas, eps, GrokFast(*grokfast) if grokfast else None)
     x, y = data["x_train"], data["y_train"]
     stop_epoch = np.full(K, -1)
     failed_epoch = np.full(K, -1)
     alive = np.arange(K)  # the original index of each member the model still holds
     last_row = np.full((K, len(METRICS)), np.nan, dtype=np.float32)
-    rows, epochs_logged = [], []
+    rows, epochs_logged, compute_s = [], [], []
+    eval_s = 0.0  # seconds spent evaluating (excluded from compute_s)
     eval_at = set(range(0, epochs + 1, eval_every)) | {e for e in (1, 2, 4, 8, 16, 32, 64) if e < eval_every} | {epochs}
     bar = _progress(epochs, desc, quiet)
     log_every = max(eval_every, (epochs // 10) // eval_every * eval_every)
@@ -683,8 +787,13 @@ def train(model, data, *, epochs: int, lr, wd, betas=(0.9, 0.999), eps=1e-8, eva
 
     def record(epoch):
         """Evaluate; the one host sync per evaluation. Returns False when no member is left training."""
-        nonlocal alive
+        nonlocal alive, eval_s
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t_eval = time.perf_counter()
+        compute_s.append(t_eval - t0 - eval_s)
         last_row[alive] = evaluate(model, data, loss_fn, acc_fn).cpu().numpy()  # (K held, 5)
+        eval_s += time.perf_counter() - t_eval
         row = last_row.copy()  # (K, 5); members dropped by `compact` repeat their last values
         rows.append(row)
         epochs_logged.append(epoch)
@@ -711,12 +820,13 @@ def train(model, data, *, epochs: int, lr, wd, betas=(0.9, 0.999), eps=1e-8, eva
     def history(done=False):
         return dict(epochs=np.array(epochs_logged), metrics=np.stack(rows), stop_epoch=stop_epoch.copy(),
                     failed_epoch=failed_epoch.copy(), epochs_run=epoch, wall_s=time.perf_counter() - t0,
-                    diverged=bool((failed_epoch >= 0).all()))
+                    compute_s=np.array(compute_s), eval_s=eval_s, diverged=bool((failed_epoch >= 0).all()))
 
     def save(done):
         ckpt.save(dict(done=done, epoch=epoch, model=model.state_dict(), alive=alive, last_row=last_row,
                        opt=dict(m=opt.m, v=opt.v, step_count=opt.step_count, lr=opt.lr, wd=opt.wd,
-                                active=opt.active, all_active=opt.all_active),
+                                active=opt.active, all_active=opt.all_active,
+                                grokfast=opt.grokfast.h if opt.grokfast is not None else None),
                        history=history(), rng=rng_state()))
 
     state = ckpt.load() if ckpt is not None and ckpt.resume else None
@@ -733,8 +843,11 @@ def train(model, data, *, epochs: int, lr, wd, betas=(0.9, 0.999), eps=1e-8, eva
         opt.v = [t.to(device) for t in o["v"]]
         opt.step_count, opt.all_active = o["step_count"], o["all_active"]
         opt.lr, opt.wd, opt.active = o["lr"].to(device), o["wd"].to(device), o["active"].to(device)
+        if opt.grokfast is not None and o.get("grokfast") is not None:
+            opt.grokfast.h = [t.to(device) for t in o["grokfast"]]
         last_row[:] = state["last_row"]
         rows, epochs_logged = list(saved["metrics"]), list(saved["epochs"])
+        compute_s, eval_s = list(saved.get("compute_s", [])), saved.get("eval_s", 0.0)
         stop_epoch[:], failed_epoch[:] = saved["stop_epoch"], saved["failed_epoch"]
         epoch, t0 = state["epoch"], time.perf_counter() - saved["wall_s"]
         set_rng_state(state["rng"])
@@ -819,14 +932,19 @@ def summarize(history: dict, member: int | None = None) -> dict:
     finite = np.isfinite(m).all(1)
     last = m[np.flatnonzero(finite)[-1]] if finite.any() else np.full(len(METRICS), np.nan)
     gap = time_gap(ep, m[:, 1], m[:, 3])
+    test_95, test_99 = first_epoch(ep, m[:, 3], 0.95), first_epoch(ep, m[:, 3], 0.99)
+    secs = history.get("compute_s")  # training time up to each logged epoch (common.train's histories)
 
     def clean(v):
         return None if v is None or not np.isfinite(v) else float(v)
 
+    def compute_to(e):
+        return None if secs is None or e is None else round(float(secs[list(ep).index(e)]), 3)
+
     return dict(
         first_epoch_train_95=first_epoch(ep, m[:, 1], 0.95),
-        first_epoch_test_95=first_epoch(ep, m[:, 3], 0.95),
-        first_epoch_test_99=first_epoch(ep, m[:, 3], 0.99),
+        first_epoch_test_95=test_95,
+        first_epoch_test_99=test_99,
         time_gap=gap,
         inverse_time_gap=inverse_time_gap(gap),
         final_train_acc=clean(last[1]),
@@ -838,6 +956,9 @@ def summarize(history: dict, member: int | None = None) -> dict:
         stopped_at=int(history["stop_epoch"][member]) if history["stop_epoch"][member] >= 0 else None,
         diverged_at=int(history["failed_epoch"][member]) if history["failed_epoch"][member] >= 0 else None,
         wall_s=round(float(history["wall_s"]), 3),
+        compute_s=compute_to(int(ep[-1])) if len(ep) else None,  # forward + backward + optimizer, no evaluation
+        compute_s_to_test_95=compute_to(test_95),
+        compute_s_to_test_99=compute_to(test_99),
     )
 
 
@@ -1306,7 +1427,8 @@ def plot_grid(rows: list[dict], out: Path, title: str = "") -> Path:
 # Plots: drawn from metrics.csv, so they can be redrawn for any finished run
 
 
-PHASE_TITLES = {"weak": "weak model", "groktransfer": "target via GrokTransfer", "scratch": "target from scratch"}
+PHASE_TITLES = {"weak": "weak model", "groktransfer": "target via GrokTransfer", "scratch": "target from scratch",
+                "grokfast": "target via GrokFast"}
 
 
 def panel_note(epochs, metrics) -> str:

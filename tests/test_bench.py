@@ -38,3 +38,19 @@ def test_bad_bench_input_exits_2(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "bench.py"), "--precisions", "fp8", "--out", str(tmp_path / "b.json")],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "precisions must be" in r.stderr and not (tmp_path / "b.json").exists()
+
+
+def test_bench_transformer_workload_rows_per_precision(tmp_path):
+    out = tmp_path / "bench.json"
+    r = subprocess.run([sys.executable, str(ROOT / "bench.py"), "--device", "cpu", "--workload", "transformer2", "--p", "11",
+                        "--epochs", "2", "--warmup", "1", "--Ks", "1", "2", "--precisions", "float32", "bf16",
+                        "--out", str(out)], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    b = json.loads(out.read_text())
+    # no reference row; K = 1 at each precision, then K = 2 (K = 1 is not repeated)
+    assert [(row["loop"], row["K"], row["precision"]) for row in b["rows"]] == [
+        ("trainer", 1, "float32"), ("trainer", 1, "bf16"), ("trainer", 2, "float32"), ("trainer", 2, "bf16")]
+    assert b["workload"]["model"] == "transformer2" and b["workload"]["n_layers"] == 2
+    n_train = round(0.25 * 11 ** 2)
+    assert b["workload"]["flops_per_model_epoch"] == bench.common.transformer_flops(
+        2 * n_train, 2, 128, 512, 4, 32, 2, 11, n_train)

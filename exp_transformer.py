@@ -1,0 +1,276 @@
+"""GrokTransfer FNN -> transformer on modular arithmetic, and the GrokFast baseline (paper Fig 6, 8,
+13, 16, Table 1).
+
+Trains, in order, on one fixed data split (the modular tasks: exp_modular's data, 25% of p^2 pairs):
+  1. weak:         exp_modular's two-layer FNN (d_embed 4, width 16), stopped when its test accuracy
+                   first reaches transfer_at (30%); its p x 4 embedding is A;
+  2. groktransfer: a decoder-only transformer (common.Transformer) reading tokens (a, b), with token
+                   embedding A @ B, B (4 x d_model) random, both trainable;
+  3. scratch:      the same transformer with a plain token embedding;
+  4. grokfast:     the same transformer from scratch with Lee et al.'s EMA gradient filter
+                   (common.GrokFast) before every AdamW step;
+then prints Table 1: the training time (forward, backward and optimizer steps; evaluation excluded)
+of each phase until it first reaches 99% test accuracy (the weak phase: until it reaches transfer_at),
+with the device named. Writes runs/transformer/<name>/: config.yaml, metrics.csv, summary.json
+(per phase: Time Gap, epochs and seconds to 95% and 99% test accuracy, final accuracies; "table1"),
+dynamics.png, embedding.pt, models.pt.
+
+The task `parity` (Fig 13 right) trains the transformer on exp_parity's (q, k)-sparse parity data,
+the q bits as q tokens (vocabulary {0, 1}), label at the last position: phases scratch and grokfast
+only (the parity weak model is an FNN on dense inputs; it has no token embedding to hand over).
+
+Usage:
+  python exp_transformer.py                                   # Fig 6 left: add, 8 layers, d_model 512
+  python exp_transformer.py --op mul                          # Fig 6 right / Fig 13 left
+  python exp_transformer.py --config configs/transformer/fig8_add.yaml     # Fig 8: GT against GrokFast
+  python exp_transformer.py --config configs/transformer/fig13_parity.yaml --n_layers 4   # Fig 13 right
+  python exp_transformer.py --config configs/smoke/transformer.yaml --device cpu          # the tests' run
+Every config key below is also a flag (--key value).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+import common
+import exp_modular
+import exp_parity
+from common import ConfigError
+
+OPS = (*exp_modular.OPS, "parity")
+PHASES = ("weak", "groktransfer", "scratch", "grokfast")
+
+# (init scale, lr, wd) of each target phase when the config leaves them as none.
+# modular: appendix A.3.3, Fig 6(a) (8 layers): GT (0.7, 1e-3, 1), scratch (0.4, 5e-4, 1); GrokFast
+#   (Fig 8) states (lr, wd) = (0.01, 1) and no init scale: ours 1.0, PyTorch's default init, as in Lee
+#   et al.'s code. configs/transformer/fig8_*.yaml set Fig 6(b)'s 2-layer GT (0.6, 5e-3, 0.1).
+# parity: not stated in the paper (Fig 13 right names only the depths). Ours: see README, "Transformer".
+SETTINGS = {
+    "modular": dict(gt=(0.7, 1e-3, 1.0), scratch=(0.4, 5e-4, 1.0), grokfast=(1.0, 1e-2, 1.0)),
+    "parity": dict(gt=(1.0, 1e-3, 1.0), scratch=(1.0, 1e-3, 1.0), grokfast=(1.0, 1e-3, 1.0)),
+}
+
+
+@dataclass
+class Config:
+    # --- task
+    op: str = "add"  # add, sub, mul, div (a∘b mod p, tokens (a, b)) or parity (exp_parity's data)
+    p: int = 113  # modulus ("all modular tasks set p = 113")
+    train_frac: float = 0.25  # fraction of the p^2 pairs that train (as exp_modular)
+    data_seed: int = 0  # seed of the split / of the parity sample
+    q: int = 40  # parity: input bits = sequence length
+    k: int = 3  # parity: order, S = {1..k}
+    n: int = 1000  # parity: training points
+    n_test: int = 2000  # parity: fresh test points
+    # --- weak model: exp_modular's two-layer FNN (Fig 17's weak models, "the same one used in Fig 6(a)")
+    weak_d_embed: int = 4  # rank of A
+    weak_width: int = 16
+    weak_epochs: int = 10_000  # at most: the phase stops at transfer_at
+    transfer_at: float = 0.3  # "we extract the embeddings ... at the point that it first reaches 30% test accuracy"
+    weak_init_scale: float | None = None  # none: exp_modular.SETTINGS for this op (ours; the paper's are not stated)
+    weak_lr: float | None = None
+    weak_wd: float | None = None
+    weak_embedding: str = ""  # a saved embedding.pt (e.g. from exp_modular.py): skip the weak phase
+    # --- target transformer (appendix A.3.3, Fig 6(a)): 8 layers, d_embed 512, d_mlp 512, 4 heads of 128
+    n_layers: int = 8
+    d_model: int = 512
+    d_mlp: int = 512
+    n_heads: int = 4
+    d_head: int = 128
+    epochs: int = 10_000  # every target phase (A.4.1: scratch needs ~1e4 epochs, GrokTransfer ~1e3)
+    # (init scale, lr, wd) per target phase; none = SETTINGS above (the paper's for the modular tasks)
+    gt_init_scale: float | None = None  # paper: 0.7 (8 layers), 0.6 (2 layers)
+    gt_lr: float | None = None  # paper: 1e-3 (8 layers), 5e-3 (2 layers)
+    gt_wd: float | None = None  # paper: 1 (8 layers), 0.1 (2 layers)
+    scratch_init_scale: float | None = None  # paper: 0.4
+    scratch_lr: float | None = None  # paper: 5e-4
+    scratch_wd: float | None = None  # paper: 1
+    grokfast_init_scale: float | None = None  # not stated; ours 1.0 (PyTorch default, as Lee et al.)
+    grokfast_lr: float | None = None  # paper: 0.01
+    grokfast_wd: float | None = None  # paper: 1.0
+    grokfast_alpha: float = 0.98  # EMA momentum (Lee et al.'s default)
+    grokfast_lamb: float = 2.0  # amplification of the slow gradient (Lee et al.'s default)
+    # --- optimisation (AdamW, full batch, cross-entropy; betas and eps not stated: PyTorch defaults)
+    beta1: float = 0.9
+    beta2: float = 0.999  # Lee et al. and Nanda et al. use 0.98; the paper does not say
+    adam_eps: float = 1e-8
+    eval_every: int = 10  # evaluate every N epochs: the resolution of Time Gap and of the Table 1 times
+    stop_at: float | None = None  # target phases stop once test acc reaches this (Table 1 alone: 0.99)
+    precision: str = "float32"  # float32 (the paper's), tf32 (TF32 matmuls on CUDA), bf16 (autocast)
+    # --- runtime
+    phases: str = "weak,groktransfer,scratch"  # which phases to run, in this order
+    seed: int = 0
+    seeds: int = 1  # seeds as members of one run: mean and min-max band per phase
+    device: str = "auto"
+    deterministic: bool = False
+    name: str = ""
+    out: str = ""
+    quiet: bool = False
+    ckpt_every: int = 500  # checkpoint every N epochs (and at the end of each phase); 0 = ends only
+    resume: bool = False  # continue the run in --out/--name from its checkpoints
+
+
+def check(cfg: Config):
+    common.require(cfg, positive=("p", "weak_d_embed", "weak_width", "weak_epochs", "n_layers", "d_model", "d_mlp",
+                                  "n_heads", "d_head", "epochs", "eval_every", "seeds", "q", "k", "n", "n_test"),
+                   fractions=("transfer_at", "stop_at"))
+    phases = common.phase_list(cfg.phases, PHASES)
+    if cfg.op == "parity":
+        if cfg.k > cfg.q:
+            raise ConfigError(f"k must be <= q, got k = {cfg.k}, q = {cfg.q}")
+        if set(phases) & {"weak", "groktransfer"}:
+            raise ConfigError("op 'parity' runs the phases scratch and grokfast only (no token embedding to transfer)")
+    else:
+        if cfg.p < 2:
+            raise ConfigError(f"p must be >= 2, got {cfg.p}")
+        if cfg.op == "div" and any(cfg.p % d == 0 for d in range(2, int(cfg.p ** 0.5) + 1)):
+            raise ConfigError(f"op 'div' needs a prime p, got p = {cfg.p}")
+        if not 0 < cfg.train_frac < 1:
+            raise ConfigError(f"train_frac must be in (0, 1), got {cfg.train_frac}")
+        if "groktransfer" in phases and "weak" not in phases and not cfg.weak_embedding:
+            raise ConfigError("phase 'groktransfer' needs the 'weak' phase or --weak_embedding PATH")
+    for key in ("weak_lr", "gt_lr", "scratch_lr", "grokfast_lr", "weak_init_scale", "gt_init_scale",
+                "scratch_init_scale", "grokfast_init_scale"):
+        v = getattr(cfg, key)
+        if v is not None and v <= 0:
+            raise ConfigError(f"{key} must be positive, got {v}")
+    if not 0 <= cfg.grokfast_alpha < 1 or cfg.grokfast_lamb < 0:
+        raise ConfigError(f"grokfast_alpha must be in [0, 1) and grokfast_lamb >= 0; got {cfg.grokfast_alpha}, "
+                          f"{cfg.grokfast_lamb}")
+    if cfg.ckpt_every < 0:
+        raise ConfigError(f"ckpt_every must be >= 0, got {cfg.ckpt_every}")
+    common.pick_device(cfg.device)
+
+
+def resolve(cfg: Config) -> Config:
+    """Fill the (init, lr, wd) left as none: targets from SETTINGS, the weak model from exp_modular's."""
+    fill = {}
+    table = dict(SETTINGS["parity" if cfg.op == "parity" else "modular"],
+                 weak=exp_modular.SETTINGS.get(cfg.op, exp_modular.SETTINGS["add"])["weak"])
+    for phase, values in table.items():
+        for key, value in zip(("init_scale", "lr", "wd"), values):
+            if getattr(cfg, f"{phase}_{key}") is None:
+                fill[f"{phase}_{key}"] = value
+    return dataclasses.replace(cfg, **fill)
+
+
+# =============================================================================
+# EXPERIMENT LOGIC: data, weak model, transfer, target. Edit here to try an idea.
+
+
+def make_data(cfg, device) -> dict:
+    """Modular: exp_modular's pairs (tokens (a, b)). Parity: exp_parity's sample, ±1 bits -> tokens
+    {0, 1}, labels ±1 -> classes {0, 1}."""
+    if cfg.op != "parity":
+        return exp_modular.make_data(cfg.op, cfg.p, cfg.train_frac, cfg.data_seed, device)
+    d = exp_parity.make_data(cfg.q, list(range(1, cfg.k + 1)), cfg.n, cfg.n_test, cfg.data_seed, device)
+    return {k: (v > 0).long() for k, v in d.items()}
+
+
+def vocab_ctx_out(cfg) -> tuple[int, int, int]:
+    return (2, cfg.q, 2) if cfg.op == "parity" else (cfg.p, 2, cfg.p)
+
+
+def target_model(cfg, seeds, init_scale, device, weak=None):
+    """The decoder-only transformer; token embedding A @ B when `weak` (A, p x d_W) is given."""
+    vocab, n_ctx, n_out = vocab_ctx_out(cfg)
+    return common.transformer(vocab, n_ctx, n_out, n_layers=cfg.n_layers, d_model=cfg.d_model, d_mlp=cfg.d_mlp,
+                              n_heads=cfg.n_heads, d_head=cfg.d_head, init_scales=init_scale, seeds=seeds,
+                              weak=weak).to(device)
+
+
+# =============================================================================
+
+
+def table1(summary: dict, device: str) -> list[dict]:
+    """Table 1: per phase, the training time and epochs until 99% test accuracy (weak: until it
+    reached transfer_at, where its embedding was taken); the mean over members when there are several
+    (they share one model, so the times are the run's). GrokTransfer's total adds the weak phase."""
+    rows = []
+    for phase, s in summary["phases"].items():
+        members = s.get("members", [s])
+        if phase == "weak":
+            secs = [m["compute_s"] for m in members]
+            epochs = [m["stopped_at"] if m["stopped_at"] is not None else m["epochs"] for m in members]
+            until = "transfer_at"
+        else:
+            secs = [m["compute_s_to_test_99"] for m in members]
+            epochs = [m["first_epoch_test_99"] for m in members]
+            until = "99% test"
+        reached = [i for i, e in enumerate(epochs) if e is not None and secs[i] is not None]
+        rows.append(dict(phase=phase, until=until, reached=len(reached) == len(members),
+                         ms=round(1e3 * float(np.mean([secs[i] for i in reached])), 1) if reached else None,
+                         epochs=float(np.mean([epochs[i] for i in reached])) if reached else None))
+    by = {r["phase"]: r for r in rows}
+    if "weak" in by and "groktransfer" in by and by["weak"]["ms"] is not None and by["groktransfer"]["ms"] is not None:
+        rows.append(dict(phase="weak + groktransfer", until="99% test", reached=by["groktransfer"]["reached"],
+                         ms=round(by["weak"]["ms"] + by["groktransfer"]["ms"], 1), epochs=None))
+    print(f"Table 1 (device: {device}; training time = forward + backward + AdamW, evaluation excluded)")
+    print(f"{'phase':22s} {'until':12s} {'ms':>12s} {'epochs':>8s}")
+    for r in rows:
+        ms = f"{r['ms']:.0f}" if r["ms"] is not None else "not reached"
+        ep = f"{r['epochs']:.0f}" if r["epochs"] is not None else "-"
+        print(f"{r['phase']:22s} {r['until']:12s} {ms:>12s} {ep:>8s}")
+    return rows
+
+
+def main(argv=None):
+    cfg = resolve(common.config_or_exit(Config(), argv, {"op": OPS, "precision": common.PRECISIONS}, check))
+    try:
+        weak_loaded = (exp_modular.load_weak_embedding(cfg.weak_embedding, cfg.p, cfg.seeds)
+                       if cfg.weak_embedding and cfg.op != "parity" else None)
+        run = common.open_run(cfg, "transformer")
+    except ConfigError as e:
+        common.fail(str(e))
+    device = common.pick_device(cfg.device)
+    common.set_seed(cfg.seed, cfg.deterministic)
+    phases = common.phase_list(cfg.phases, PHASES)
+    task = f"({cfg.q}, {cfg.k})-parity" if cfg.op == "parity" else f"a {'+-*/'[exp_modular.OPS.index(cfg.op)]} b mod {cfg.p}"
+    title = f"{task}, {cfg.n_layers}-layer transformer (d_model {cfg.d_model})"
+    print(f"run directory {run}  device {device}  {title}  phases {', '.join(phases)}")
+
+    data = make_data(cfg, device)
+    seeds = [cfg.seed + i for i in range(cfg.seeds)]
+    opt = dict(betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, eval_every=cfg.eval_every, quiet=cfg.quiet,
+               precision=cfg.precision)
+    vocab, n_ctx, n_out = vocab_ctx_out(cfg)
+    n_train = len(data["y_train"])
+    header = dict(device=common.device_name(device), op=cfg.op, n_train=n_train, n_test=len(data["y_test"]),
+                  flops_per_epoch=common.transformer_flops(n_train * n_ctx, cfg.n_layers, cfg.d_model, cfg.d_mlp,
+                                                           cfg.n_heads, cfg.d_head, n_ctx, n_out, n_train))
+    record = common.RunRecord(run, header, title=title, ckpt_every=cfg.ckpt_every, resume=cfg.resume)
+
+    # 1. weak FNN (exp_modular's), stopped at transfer_at test accuracy; its embedding is A
+    weak = weak_loaded
+    if "weak" in phases:
+        model = exp_modular.weak_model(cfg, seeds, device)
+        hist = common.train(model, data, epochs=cfg.weak_epochs, lr=cfg.weak_lr, wd=cfg.weak_wd,
+                            stop_at=cfg.transfer_at, desc="weak", ckpt=record.checkpoint("weak"), **opt)
+        weak = common.weak_phase_done(record, hist, model, model.embed.weight.detach().cpu(), cfg.transfer_at,
+                                      op=cfg.op, p=cfg.p)
+    elif weak is not None:
+        record.summary["weak_embedding"] = cfg.weak_embedding
+
+    # 2-4. the transformer: GrokTransfer (token embedding A @ B), from scratch, and with GrokFast
+    for phase in [ph for ph in phases if ph != "weak"]:
+        prefix = "gt" if phase == "groktransfer" else phase
+        init, lr, wd = (getattr(cfg, f"{prefix}_{key}") for key in ("init_scale", "lr", "wd"))
+        model = target_model(cfg, seeds, init, device, weak=weak if phase == "groktransfer" else None)
+        hist = common.train(model, data, epochs=cfg.epochs, lr=lr, wd=wd, stop_at=cfg.stop_at, desc=phase,
+                            ckpt=record.checkpoint(phase), **opt,
+                            grokfast=(cfg.grokfast_alpha, cfg.grokfast_lamb) if phase == "grokfast" else None)
+        record.phase_done(phase, hist, model)
+
+    record.summary["table1"] = table1(record.summary, header["device"])
+    common.save_json(record.summary, run / "summary.json")
+    record.save_models()
+    png = common.plot_dynamics(run, title=title)
+    print(f"wrote {run / 'summary.json'} and {png}")
+    return run
+
+
+if __name__ == "__main__":
+    main()
