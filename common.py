@@ -351,6 +351,19 @@ class FactoredEmbedding(nn.Module):
         return torch.matmul(torch.matmul(x, self.A), self.B)
 
 
+class FixedEmbedding(nn.Module):
+    """A fixed, non-trainable input embedding (paper Fig 2): one table (V, d), a buffer, read by all K
+    members (table() has the (K, V, d) shape of the trainable embeddings)."""
+
+    def __init__(self, table: torch.Tensor, members: int):
+        super().__init__()
+        self.register_buffer("fixed", table)
+        self.members = members
+
+    def table(self) -> torch.Tensor:
+        return self.fixed.expand(self.members, -1, -1)
+
+
 def factored_embedding(weak: torch.Tensor, vocab: int, d_target: int, init_scales, seeds) -> FactoredEmbedding:
     """A = the weak embedding (not rescaled), B drawn like a default nn.Linear(d_weak, d_target) times init_scale.
 
@@ -381,27 +394,38 @@ class TokenMLP(nn.Module):
         self.embed = embed
         self.layers = nn.ParameterList([nn.Parameter(w) for w in weights])  # each (K, in, out)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def inputs(self, x: torch.Tensor) -> torch.Tensor:
         table = self.embed.table()  # (K, V, d)
-        K, n = table.shape[0], x.shape[0]
-        h = table[:, x].reshape(K, n, -1)  # (K, n, tokens * d)
+        return table[:, x].reshape(table.shape[0], x.shape[0], -1)  # (K, n, tokens * d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inputs(x)
         for i, w in enumerate(self.layers):
             h = torch.bmm(h, w)  # (K, n, out)
             if i < len(self.layers) - 1:
                 h = torch.relu(h)
         return h  # (K, n, n_out) logits
 
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """The first hidden layer's activations, (K, n, width) (progress measures)."""
+        return torch.relu(torch.bmm(self.inputs(x), self.layers[0]))
+
 
 def token_mlp(vocab: int, n_tokens: int, d_embed: int, widths: list[int], n_out: int, init_scales, seeds,
-              weak: torch.Tensor | None = None) -> TokenMLP:
+              weak: torch.Tensor | None = None, fixed: torch.Tensor | None = None) -> TokenMLP:
     """Build K members. Member k draws all its weights from Generator(seeds[k]): embedding, then layers.
 
     With `weak` given, the embedding is FactoredEmbedding(A=weak, B random) instead of a plain table.
+    With `fixed` (vocab, d_embed) given, it is that table, not trained (FixedEmbedding).
     """
     K = len(seeds)
     scales = _per_member(init_scales, K)
     gens = [torch.Generator().manual_seed(s) for s in seeds]
-    if weak is None:
+    if fixed is not None:
+        if fixed.shape != (vocab, d_embed):
+            raise ConfigError(f"fixed embedding must be ({vocab}, {d_embed}); got {tuple(fixed.shape)}")
+        embed = FixedEmbedding(fixed.float(), K)
+    elif weak is None:
         embed = Embedding(torch.stack([embedding_init(g, (vocab, d_embed), c) for g, c in zip(gens, scales)]))
     else:
         # B uses a seed stream of its own so the layers below get the same draws with or without transfer
@@ -422,31 +446,44 @@ class DenseMLP(nn.Module):
     model hands over as A.
     """
 
-    def __init__(self, embed: nn.Module | None, weights: list[torch.Tensor], embed_act: bool = False):
+    def __init__(self, embed: nn.Module | None, weights: list[torch.Tensor], embed_act: bool = False,
+                 biases: list[torch.Tensor] | None = None):
         super().__init__()
         self.embed, self.embed_act = embed, embed_act  # embed_act: ReLU after x E (E is then a layer)
         self.layers = nn.ParameterList([nn.Parameter(w) for w in weights])  # each (K, in, out)
+        self.biases = nn.ParameterList([nn.Parameter(b) for b in biases]) if biases else None  # each (K, 1, out)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def inputs(self, x: torch.Tensor) -> torch.Tensor:
         K = self.layers[0].shape[0]
         h = self.embed.project(x) if self.embed is not None else x.expand(K, -1, -1)  # (K, n, d)
-        if self.embed is not None and self.embed_act:
-            h = torch.relu(h)
-        for i, w in enumerate(self.layers):
-            h = torch.bmm(h, w)
+        return torch.relu(h) if self.embed is not None and self.embed_act else h
+
+    def layer(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        h = torch.bmm(h, self.layers[i])
+        return h + self.biases[i] if self.biases is not None else h
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inputs(x)
+        for i in range(len(self.layers)):
+            h = self.layer(i, h)
             if i < len(self.layers) - 1:
                 h = torch.relu(h)
         return h  # (K, n, n_out)
 
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """The first hidden layer's activations, (K, n, width) (progress measures)."""
+        return torch.relu(self.layer(0, self.inputs(x)))
+
 
 def dense_mlp(d_in: int, d_embed: int | None, widths: list[int], n_out: int, init_scales, seeds,
-              weak: torch.Tensor | None = None, embed_act: bool = False) -> DenseMLP:
+              weak: torch.Tensor | None = None, embed_act: bool = False, bias: bool = False) -> DenseMLP:
     """Build K DenseMLP members, member k from Generator(seeds[k]) (embedding first, then layers).
 
     d_embed None: no embedding, layers d_in -> widths -> n_out. Otherwise a linear embedding d_in ->
     d_embed, drawn like a default nn.Linear(d_in, d_embed) times init_scale (a dense input needs the
     fan-in scaling that N(0, 1) token tables do not), or, with `weak` (d_in, r) or (K, d_in, r) given,
-    FactoredEmbedding(A = weak, B random) as in token_mlp.
+    FactoredEmbedding(A = weak, B random) as in token_mlp. bias: every layer gets a bias, drawn like
+    nn.Linear's, U(+-1/sqrt(fan_in)) times init_scale, after all the weights.
     """
     K = len(seeds)
     scales = _per_member(init_scales, K)
@@ -460,7 +497,9 @@ def dense_mlp(d_in: int, d_embed: int | None, widths: list[int], n_out: int, ini
         first = d_embed
     sizes = [first, *widths, n_out]
     weights = [torch.stack([linear_init(g, i, (i, o), c) for g, c in zip(gens, scales)]) for i, o in zip(sizes[:-1], sizes[1:])]
-    return DenseMLP(embed, weights, embed_act)
+    biases = [torch.stack([linear_init(g, i, (1, o), c) for g, c in zip(gens, scales)])
+              for i, o in zip(sizes[:-1], sizes[1:])] if bias else None
+    return DenseMLP(embed, weights, embed_act, biases)
 
 
 class Transformer(nn.Module):
@@ -644,6 +683,149 @@ class AdamW:
 
 
 # -----------------------------------------------------------------------------
+# Progress measures on a fixed probe set (issue 8): empirical NTK, kernel-task alignment, O-information
+
+
+def ntk_gram(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Empirical NTK of every member on probe inputs x (n, ...), in the "sum of logits" form of
+    Mohamadi et al. (2023): Theta[k, i, j] = <d S_k(x_i)/d theta_k, d S_k(x_j)/d theta_k>, with
+    S_k(x) = sum over classes of member k's logits and theta_k all its trainable parameters.
+    One backward pass per probe point (members share it: their parameters are separate slices).
+    Returns (K, n, n), float64."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    K = n_members(model)
+    rows = []
+    for i in range(len(x)):
+        grads = torch.autograd.grad(model(x[i:i + 1]).sum(), params, allow_unused=True)
+        rows.append(torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(K, -1)
+                               for g, p in zip(grads, params)], 1))  # (K, P)
+    J = torch.stack(rows, 1).double()  # (K, n, P)
+    return torch.bmm(J, J.transpose(1, 2))
+
+
+def ntk_change(theta: torch.Tensor, theta0: torch.Tensor) -> torch.Tensor:
+    """||Theta_t - Theta_0||_F / ||Theta_0||_F per member (paper Fig 3), (K,)."""
+    return (theta - theta0).flatten(1).norm(dim=1) / theta0.flatten(1).norm(dim=1)
+
+
+def centered_alignment(kernel: torch.Tensor, labels: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """Centred kernel-task alignment (Kumar et al., Section 5; Cortes et al. 2012):
+    <H K H, H Y Y^T H>_F / (||H K H||_F ||H Y Y^T H||_F), H = I - 11^T/n, Y the one-hot labels.
+    kernel (K, n, n) or (n, n) -> (K,) or scalar; 1 for a kernel proportional to the label kernel."""
+    n = labels.shape[0]
+    Y = F.one_hot(labels.long(), n_classes).to(kernel.dtype)
+    H = torch.eye(n, dtype=kernel.dtype, device=kernel.device) - 1.0 / n
+    target = H @ (Y @ Y.T) @ H
+    centred = H @ kernel @ H
+    inner = (centred * target).sum((-2, -1))
+    return inner / (centred.flatten(-2).norm(dim=-1) * target.norm())
+
+
+def copula_normalize(z: np.ndarray, seed: int = 0) -> np.ndarray:
+    """Gaussian-copula transform (Ince et al. 2017) of each column of z (s, m): ranks -> standard
+    normal quantiles. Ties (a dead ReLU unit is constant) are broken by a fixed-seed jitter far below
+    any real difference, so a constant column becomes noise independent of the rest."""
+    from statistics import NormalDist
+    s = z.shape[0]
+    jitter = np.random.default_rng(seed).standard_normal(z.shape) * 1e-9 * (np.abs(z).max() + 1.0)
+    ranks = np.argsort(np.argsort(z + jitter, axis=0), axis=0)  # 0..s-1 per column
+    inv = np.vectorize(NormalDist().inv_cdf)
+    return inv((ranks + 1.0) / (s + 1.0))
+
+
+def gaussian_entropy(cov: np.ndarray) -> float:
+    """Differential entropy (nats) of a Gaussian with covariance cov (d, d): (d log(2 pi e) + log det) / 2."""
+    d = cov.shape[0]
+    return 0.5 * (d * math.log(2 * math.pi * math.e) + np.linalg.slogdet(cov)[1])
+
+
+def o_information(cov: np.ndarray) -> float:
+    """O-information (Rosas et al. 2019) of jointly Gaussian variables with covariance cov (n, n):
+    Omega = (n - 2) H(X) + sum_j [H(X_j) - H(X without j)]; > 0 redundancy-, < 0 synergy-dominated."""
+    n = cov.shape[0]
+    total = (n - 2) * gaussian_entropy(cov)
+    for j in range(n):
+        rest = [i for i in range(n) if i != j]
+        total += gaussian_entropy(cov[j:j + 1, j:j + 1]) - gaussian_entropy(cov[np.ix_(rest, rest)])
+    return float(total)
+
+
+def multiplet_extremes(cov: np.ndarray, sizes=range(3, 11)) -> dict:
+    """O-information of every multiplet (subset of the variables) of the given sizes; the most
+    synergistic (minimum) and most redundant (maximum) values and their sizes."""
+    n = cov.shape[0]
+    best = dict(synergy=math.inf, redundancy=-math.inf, synergy_size=0, redundancy_size=0)
+    for size in sizes:
+        if size > n:
+            break
+        for subset in itertools.combinations(range(n), size):
+            omega = o_information(cov[np.ix_(subset, subset)])
+            if omega < best["synergy"]:
+                best["synergy"], best["synergy_size"] = omega, size
+            if omega > best["redundancy"]:
+                best["redundancy"], best["redundancy_size"] = omega, size
+    return best
+
+
+def neuron_bins(h: np.ndarray, n_bins: int = 10) -> np.ndarray:
+    """Clauw et al.'s reduction: the neurons' feature vectors (columns of h, (s, n)) grouped into n_bins by
+    scikit-learn's AgglomerativeClustering (its default: Ward linkage, Euclidean); each bin's variable
+    is the mean activation of its neurons (the paper does not say how a bin becomes one variable).
+    Returns (s, n_bins)."""
+    from sklearn.cluster import AgglomerativeClustering
+    labels = AgglomerativeClustering(n_clusters=n_bins).fit_predict(h.T)
+    return np.stack([h[:, labels == b].mean(1) for b in range(n_bins)], 1)
+
+
+def oinfo_measures(h: np.ndarray, n_bins: int = 10) -> dict:
+    """Hidden activations h (s, n) on the probe set -> synergy (min O-information over multiplets of 3
+    to n_bins bins), redundancy (max) and the size of the most synergistic multiplet."""
+    z = copula_normalize(neuron_bins(h, n_bins))
+    best = multiplet_extremes(np.cov(z, rowvar=False), range(3, n_bins + 1))
+    return dict(synergy=best["synergy"], redundancy=best["redundancy"], synergy_size=float(best["synergy_size"]))
+
+
+TRACKABLE = ("ntk", "cka", "oinfo")
+
+
+class Tracker:
+    """Progress measures of every member on a fixed probe subset, computed at epoch 0 and every
+    `every` epochs by common.train (as part of the evaluation, so outside the timed training):
+      ntk:   ||Theta_t - Theta_0||_F / ||Theta_0||_F of the empirical NTK (Theta_0 from the model as
+             built, so a resumed run gets the same reference);
+      cka:   centred alignment of Theta_t with the label kernel (Kumar et al.);
+      oinfo: synergy, redundancy and synergy_size of the first hidden layer (model.hidden(x)).
+    Calling it returns {measure: (K,) array}."""
+
+    def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, names: list[str], every: int,
+                 n_classes: int, n_bins: int = 10):
+        bad = [n for n in names if n not in TRACKABLE]
+        if bad:
+            raise ConfigError(f"track must be a subset of {', '.join(TRACKABLE)}; got {','.join(names)}")
+        if "oinfo" in names and not hasattr(model, "hidden"):
+            raise ConfigError(f"track 'oinfo' needs a model with a first hidden layer (model.hidden); "
+                              f"{type(model).__name__} has none")
+        self.x, self.y, self.names, self.every = x, y, list(names), every
+        self.n_classes, self.n_bins = n_classes, n_bins
+        self.theta0 = ntk_gram(model, x) if {"ntk", "cka"} & set(names) else None
+
+    def __call__(self, model: nn.Module, epoch: int | None = None) -> dict[str, np.ndarray]:
+        out = {}
+        if self.theta0 is not None:
+            theta = ntk_gram(model, self.x)
+            if "ntk" in self.names:
+                out["ntk_change"] = ntk_change(theta, self.theta0).cpu().numpy()
+            if "cka" in self.names:
+                out["kernel_alignment"] = centered_alignment(theta, self.y, self.n_classes).cpu().numpy()
+        if "oinfo" in self.names:
+            with torch.no_grad():
+                h = model.hidden(self.x).float().cpu().numpy()  # (K, s, width)
+            per = [oinfo_measures(hk, self.n_bins) for hk in h]
+            for key in ("synergy", "redundancy", "synergy_size"):
+                out[key] = np.array([m[key] for m in per])
+        return out
+
+# -----------------------------------------------------------------------------
 # Training: one plain function, called once per phase. Full batch; no host sync between evaluations.
 
 METRICS = ("train_loss", "train_acc", "test_loss", "test_acc", "weight_norm")
@@ -738,6 +920,9 @@ def _keep_members(model, opt, keep: torch.Tensor):
             if p is not None:
                 new[id(p)] = module._parameters[name] = nn.Parameter(p.detach()[keep])
     opt.params = [new[id(p)] for p in opt.params]
+    for module in model.modules():
+        if isinstance(module, FixedEmbedding):
+            module.members = len(keep)
     opt.m, opt.v = [m[keep] for m in opt.m], [v[keep] for v in opt.v]
     opt.lr, opt.wd, opt.active = opt.lr[keep], opt.wd[keep], opt.active[keep]
     if opt.grokfast is not None and opt.grokfast.h is not None:
@@ -747,7 +932,8 @@ def _keep_members(model, opt, keep: torch.Tensor):
 def train(model, data, *, epochs: int, lr, wd, betas=(0.9, 0.999), eps=1e-8, eval_every: int = 10,
           stop_at: float | None = None, loss_fn=cross_entropy, acc_fn=accuracy, desc: str = "train",
           quiet: bool = False, precision: str = "float32", compact: bool = False,
-          ckpt: "Checkpoint | None" = None, grokfast: tuple[float, float] | None = None) -> dict:
+          ckpt: "Checkpoint | None" = None, grokfast: tuple[float, float] | None = None,
+          tracker: "Tracker | None" = None) -> dict:
     """Full-batch AdamW on all K members of `model` for `epochs` epochs; returns the history.
 
     data: dict of device tensors x_train, y_train, x_test, y_test.
@@ -766,6 +952,8 @@ def train(model, data, *, epochs: int, lr, wd, betas=(0.9, 0.999), eps=1e-8, eva
     Ctrl-C (SIGINT) saves a checkpoint at the end of the current step, calls ckpt.on_interrupt(history
     so far) and exits with status 130.
     grokfast: (alpha, lamb): filter every gradient with GrokFast before the AdamW step.
+    tracker: a Tracker (or any object with .every and __call__(model, epoch) -> {name: (K,) array}),
+    called at epoch 0 and every tracker.every epochs (outside compute_s); its values are history["tracked"]: {"epochs": (T,), measure: (T, K)} (NaN for dropped members).
     Returns dict: epochs (E,), metrics (E, K, 5) numpy, stop_epoch / failed_epoch (K,) (-1 = never),
     epochs_run, wall_s, compute_s (E,): seconds spent training (forward, backward, optimizer) up to
     each logged epoch, evaluation excluded (the device is synchronised around every evaluation).
@@ -779,8 +967,11 @@ def train(model, data, *, epochs: int, lr, wd, betas=(0.9, 0.999), eps=1e-8, eva
     alive = np.arange(K)  # the original index of each member the model still holds
     last_row = np.full((K, len(METRICS)), np.nan, dtype=np.float32)
     rows, epochs_logged, compute_s = [], [], []
+    tracked: dict[str, list] = {"epochs": []}
     eval_s = 0.0  # seconds spent evaluating (excluded from compute_s)
     eval_at = set(range(0, epochs + 1, eval_every)) | {e for e in (1, 2, 4, 8, 16, 32, 64) if e < eval_every} | {epochs}
+    if tracker is not None:
+        eval_at |= set(range(0, epochs + 1, tracker.every))
     bar = _progress(epochs, desc, quiet)
     log_every = max(eval_every, (epochs // 10) // eval_every * eval_every)
     t0, epoch = time.perf_counter(), 0
@@ -793,6 +984,12 @@ def train(model, data, *, epochs: int, lr, wd, betas=(0.9, 0.999), eps=1e-8, eva
         t_eval = time.perf_counter()
         compute_s.append(t_eval - t0 - eval_s)
         last_row[alive] = evaluate(model, data, loss_fn, acc_fn).cpu().numpy()  # (K held, 5)
+        if tracker is not None and epoch % tracker.every == 0:
+            tracked["epochs"].append(epoch)
+            for name, values in tracker(model, epoch).items():
+                full = np.full(K, np.nan)
+                full[alive] = values
+                tracked.setdefault(name, []).append(full)
         eval_s += time.perf_counter() - t_eval
         row = last_row.copy()  # (K, 5); members dropped by `compact` repeat their last values
         rows.append(row)
@@ -820,7 +1017,8 @@ def train(model, data, *, epochs: int, lr, wd, betas=(0.9, 0.999), eps=1e-8, eva
     def history(done=False):
         return dict(epochs=np.array(epochs_logged), metrics=np.stack(rows), stop_epoch=stop_epoch.copy(),
                     failed_epoch=failed_epoch.copy(), epochs_run=epoch, wall_s=time.perf_counter() - t0,
-                    compute_s=np.array(compute_s), eval_s=eval_s, diverged=bool((failed_epoch >= 0).all()))
+                    compute_s=np.array(compute_s), eval_s=eval_s, diverged=bool((failed_epoch >= 0).all()),
+                    **({"tracked": {k: np.array(v) for k, v in tracked.items()}} if tracker is not None else {}))
 
     def save(done):
         ckpt.save(dict(done=done, epoch=epoch, model=model.state_dict(), alive=alive, last_row=last_row,
@@ -848,6 +1046,7 @@ def train(model, data, *, epochs: int, lr, wd, betas=(0.9, 0.999), eps=1e-8, eva
         last_row[:] = state["last_row"]
         rows, epochs_logged = list(saved["metrics"]), list(saved["epochs"])
         compute_s, eval_s = list(saved.get("compute_s", [])), saved.get("eval_s", 0.0)
+        tracked = {k: list(v) for k, v in saved.get("tracked", {"epochs": []}).items()}
         stop_epoch[:], failed_epoch[:] = saved["stop_epoch"], saved["failed_epoch"]
         epoch, t0 = state["epoch"], time.perf_counter() - saved["wall_s"]
         set_rng_state(state["rng"])
@@ -1010,6 +1209,42 @@ def read_metrics(path: Path) -> dict[str, dict]:
     return out
 
 
+def progress_rows(phase: str, tracked: dict) -> list[dict]:
+    """Rows of progress.csv (long format): phase, member, epoch, measure, value."""
+    rows = []
+    for name, values in tracked.items():
+        if name == "epochs":
+            continue
+        for i, epoch in enumerate(tracked["epochs"]):
+            for k, v in enumerate(values[i]):
+                rows.append(dict(phase=phase, member=k, epoch=int(epoch), measure=name, value=float(v)))
+    return rows
+
+
+def write_progress(path: Path, rows: list[dict]):
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=["phase", "member", "epoch", "measure", "value"])
+    writer.writeheader()
+    writer.writerows(rows)
+    write_atomic(path, buf.getvalue())
+
+
+def read_progress(path: Path) -> dict[str, dict]:
+    """progress.csv -> {phase: {measure: (epochs (T,), values (T, K))}}."""
+    raw: dict = {}
+    with open(path) as f:
+        for r in csv.DictReader(f):
+            raw.setdefault(r["phase"], {}).setdefault(r["measure"], {}).setdefault(int(r["epoch"]), {})[int(r["member"])] = float(r["value"])
+    out = {}
+    for phase, measures in raw.items():
+        out[phase] = {}
+        for name, d in measures.items():
+            epochs = sorted(d)
+            K = max(len(v) for v in d.values())
+            out[phase][name] = (np.array(epochs), np.array([[d[e].get(k, np.nan) for k in range(K)] for e in epochs]))
+    return out
+
+
 # -----------------------------------------------------------------------------
 # A run's record: metrics.csv, summary.json and models.pt, rewritten after every phase
 
@@ -1026,7 +1261,7 @@ class RunRecord:
     def __init__(self, run: Path, header: dict, title: str = "", ckpt_every: int = 0, resume: bool = False):
         self.run, self.title = Path(run), title
         self.summary = dict(header, phases={})
-        self.rows, self.models = [], {}
+        self.rows, self.models, self.progress = [], {}, []
         self.ckpt_every, self.resume = ckpt_every, resume
 
     def checkpoint(self, phase: str) -> Checkpoint:
@@ -1041,6 +1276,9 @@ class RunRecord:
         exit with status 1."""
         self.rows.extend(history_rows(phase, hist))
         write_metrics(self.run / "metrics.csv", self.rows)
+        if "tracked" in hist:
+            self.progress.extend(progress_rows(phase, hist["tracked"]))
+            write_progress(self.run / "progress.csv", self.progress)
         s = self.summary["phases"][phase] = {**summarize(hist), **(extra or {})}
         if model is not None:
             self.models[phase] = {k: v.cpu() for k, v in model.state_dict().items()}
@@ -1102,6 +1340,35 @@ def phase_list(text: str, allowed: tuple[str, ...]) -> list[str]:
     if not phases or any(s not in allowed for s in phases):
         raise ConfigError(f"phases must be a comma-separated subset of {', '.join(allowed)}; got '{text}'")
     return phases
+
+
+def pca_2d(E: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of E (V, d) projected on their first two principal components: coords (V, 2) and the
+    fraction of variance each explains (2,)."""
+    X = E.detach().double().cpu()
+    X = X - X.mean(0)
+    U, S, _ = torch.linalg.svd(X, full_matrices=False)
+    coords = (U[:, :2] * S[:2]).numpy()
+    if coords.shape[1] < 2:  # a 1-dim embedding: the second axis is empty
+        coords = np.concatenate([coords, np.zeros((len(coords), 2 - coords.shape[1]))], 1)
+    var = (S ** 2).numpy()
+    explained = np.zeros(2)
+    explained[:min(2, len(var))] = var[:2] / var.sum()
+    return coords, explained
+
+
+def join_histories(first: dict, second: dict) -> dict:
+    """One history from two consecutive train() calls (the second started where the first ended):
+    the second's epochs shifted by the first's epochs_run, its epoch-0 row dropped."""
+    off, keep = first["epochs_run"], second["epochs"] > 0
+    shift = lambda e: np.where(e >= 0, e + off, e)  # -1 (never) stays -1
+    return dict(epochs=np.concatenate([first["epochs"], second["epochs"][keep] + off]),
+                metrics=np.concatenate([first["metrics"], second["metrics"][keep]]),
+                stop_epoch=np.where(first["stop_epoch"] >= 0, first["stop_epoch"], shift(second["stop_epoch"])),
+                failed_epoch=np.where(first["failed_epoch"] >= 0, first["failed_epoch"], shift(second["failed_epoch"])),
+                epochs_run=off + second["epochs_run"], wall_s=first["wall_s"] + second["wall_s"],
+                compute_s=np.concatenate([first["compute_s"], second["compute_s"][keep] + first["compute_s"][-1]]),
+                eval_s=first["eval_s"] + second["eval_s"], diverged=second["diverged"])
 
 
 def single(d: dict) -> dict:
@@ -1495,6 +1762,64 @@ def plot_dynamics(run: Path, out: Path | None = None, title: str = "") -> Path:
     write_atomic(out, buf.getvalue())
     return out
 
+
+MEASURE_LABELS = {"ntk_change": "||Θt - Θ0|| / ||Θ0||", "kernel_alignment": "kernel-task alignment",
+                  "synergy": "synergy (min O-info, nats)", "redundancy": "redundancy (max O-info, nats)",
+                  "synergy_size": "size of most synergistic multiplet"}
+
+
+def plot_progress(run: Path, out: Path | None = None, title: str = "") -> Path:
+    """Progress measures beside the loss curves: one column per tracked phase; the top row train and
+    test loss (log y) and weight norm, then one row per measure (member mean and min-max band)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run = Path(run)
+    prog, metrics = read_progress(run / "progress.csv"), read_metrics(run / "metrics.csv")
+    names = list(dict.fromkeys(n for p in prog.values() for n in p))
+    fig, axes = plt.subplots(1 + len(names), len(prog), figsize=(4.6 * len(prog), 2.5 * (1 + len(names))),
+                             squeeze=False, sharex="col")
+    for col, (phase, measures) in enumerate(prog.items()):
+        ep, m = metrics[phase]["epochs"], metrics[phase]["metrics"]
+        keep = ep > 0
+        ax = axes[0][col]
+        for j, (label, color) in enumerate([("train loss", "tab:blue"), ("test loss", "tab:red")]):
+            ax.plot(ep[keep], np.nanmean(m[keep, :, 2 * j], 1), color=color, label=label)
+        ax.set_yscale("log")
+        ax.set_title(PHASE_TITLES.get(phase, phase), fontsize=9)
+        twin = ax.twinx()
+        twin.plot(ep[keep], np.nanmean(m[keep, :, 4], 1), color="gray", ls="--", lw=1, label="weight norm")
+        twin.set_ylabel("weight norm", fontsize=8, color="gray")
+        if col == 0:
+            ax.legend(loc="upper right", fontsize=7)
+        for row, name in enumerate(names, start=1):
+            ax = axes[row][col]
+            if name not in measures:
+                ax.set_visible(False)
+                continue
+            e, v = measures[name]
+            keep_t = e > 0
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                ax.plot(e[keep_t], np.nanmean(v[keep_t], 1), color="tab:green")
+                if v.shape[1] > 1:
+                    ax.fill_between(e[keep_t], np.nanmin(v[keep_t], 1), np.nanmax(v[keep_t], 1), color="tab:green", alpha=0.2)
+            bad = ~np.isfinite(v).all()
+            ax.set_ylabel(MEASURE_LABELS.get(name, name) + (" (NaN!)" if bad else ""), fontsize=8)
+            ax.grid(alpha=0.3)
+        for row in range(1 + len(names)):
+            axes[row][col].set_xscale("log")
+        axes[-1][col].set_xlabel("epoch")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    out = Path(out) if out else run / "progress.png"
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    write_atomic(out, buf.getvalue())
+    return out
 
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "plot":

