@@ -723,12 +723,14 @@ def centered_alignment(kernel: torch.Tensor, labels: torch.Tensor, n_classes: in
 
 def copula_normalize(z: np.ndarray, seed: int = 0) -> np.ndarray:
     """Gaussian-copula transform (Ince et al. 2017) of each column of z (s, m): ranks -> standard
-    normal quantiles. Ties (a dead ReLU unit is constant) are broken by a fixed-seed jitter far below
-    any real difference, so a constant column becomes noise independent of the rest."""
+    normal quantiles. Exact ties (a dead ReLU unit is constant) are ordered by a fixed-seed random key,
+    so a constant column becomes noise independent of the rest; distinct values keep their order."""
     from statistics import NormalDist
-    s = z.shape[0]
-    jitter = np.random.default_rng(seed).standard_normal(z.shape) * 1e-9 * (np.abs(z).max() + 1.0)
-    ranks = np.argsort(np.argsort(z + jitter, axis=0), axis=0)  # 0..s-1 per column
+    s, m = z.shape
+    tiebreak = np.random.default_rng(seed).random(z.shape)
+    ranks = np.empty((s, m))
+    for j in range(m):
+        ranks[np.lexsort((tiebreak[:, j], z[:, j])), j] = np.arange(s)  # 0..s-1
     inv = np.vectorize(NormalDist().inv_cdf)
     return inv((ranks + 1.0) / (s + 1.0))
 
@@ -752,7 +754,8 @@ def o_information(cov: np.ndarray) -> float:
 
 def multiplet_extremes(cov: np.ndarray, sizes=range(3, 11)) -> dict:
     """O-information of every multiplet (subset of the variables) of the given sizes; the most
-    synergistic (minimum) and most redundant (maximum) values and their sizes."""
+    synergistic (minimum) and most redundant (maximum) values and their sizes (the smallest multiplet
+    among those within 1e-9 of the extreme: adding an independent variable leaves Omega unchanged)."""
     n = cov.shape[0]
     best = dict(synergy=math.inf, redundancy=-math.inf, synergy_size=0, redundancy_size=0)
     for size in sizes:
@@ -760,9 +763,9 @@ def multiplet_extremes(cov: np.ndarray, sizes=range(3, 11)) -> dict:
             break
         for subset in itertools.combinations(range(n), size):
             omega = o_information(cov[np.ix_(subset, subset)])
-            if omega < best["synergy"]:
+            if omega < best["synergy"] - 1e-9:  # a tie (e.g. an independent variable added) keeps the smaller multiplet
                 best["synergy"], best["synergy_size"] = omega, size
-            if omega > best["redundancy"]:
+            if omega > best["redundancy"] + 1e-9:
                 best["redundancy"], best["redundancy_size"] = omega, size
     return best
 
@@ -1770,7 +1773,8 @@ MEASURE_LABELS = {"ntk_change": "||Θt - Θ0|| / ||Θ0||", "kernel_alignment": "
 
 def plot_progress(run: Path, out: Path | None = None, title: str = "") -> Path:
     """Progress measures beside the loss curves: one column per tracked phase; the top row train and
-    test loss (log y) and weight norm, then one row per measure (member mean and min-max band)."""
+    test loss (log y) and weight norm, then one row per measure (member mean and min-max band). A
+    dotted red line marks the first epoch with test accuracy >= 95% (member mean)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -1808,8 +1812,11 @@ def plot_progress(run: Path, out: Path | None = None, title: str = "") -> Path:
             bad = ~np.isfinite(v).all()
             ax.set_ylabel(MEASURE_LABELS.get(name, name) + (" (NaN!)" if bad else ""), fontsize=8)
             ax.grid(alpha=0.3)
+        first = first_epoch(ep[keep], np.nanmean(m[keep, :, 3], 1), 0.95)  # where test accuracy reaches 95%
         for row in range(1 + len(names)):
             axes[row][col].set_xscale("log")
+            if first is not None:
+                axes[row][col].axvline(first, color="tab:red", ls=":", lw=1)
         axes[-1][col].set_xlabel("epoch")
     if title:
         fig.suptitle(title, fontsize=10)

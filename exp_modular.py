@@ -177,7 +177,7 @@ def check(cfg: Config):
         raise ConfigError(f"embeddings must be a non-empty subset of {', '.join(EMBEDDINGS)}; got {cfg.embeddings}")
     if not cfg.weak_snapshots or any(e <= 0 for e in cfg.weak_snapshots):
         raise ConfigError(f"weak_snapshots must be positive epochs, got {cfg.weak_snapshots}")
-    if cfg.merge_at >= cfg.epochs:
+    if cfg.study == "low_rank" and cfg.merge_at >= cfg.epochs:
         raise ConfigError(f"merge_at ({cfg.merge_at}) must be below epochs ({cfg.epochs})")
     if not cfg.oinfo_wds or any(w < 0 for w in cfg.oinfo_wds) or not 3 <= cfg.oinfo_bins <= 16:
         raise ConfigError(f"oinfo_wds must be non-negative and oinfo_bins in 3..16; got {cfg.oinfo_wds}, {cfg.oinfo_bins}")
