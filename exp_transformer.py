@@ -30,7 +30,7 @@ Every config key below is also a flag (--key value).
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -100,6 +100,10 @@ class Config:
     eval_every: int = 10  # evaluate every N epochs: the resolution of Time Gap and of the Table 1 times
     stop_at: float | None = None  # target phases stop once test acc reaches this (Table 1 alone: 0.99)
     precision: str = "float32"  # float32 (the paper's), tf32 (TF32 matmuls on CUDA), bf16 (autocast)
+    # --- progress measures of the target phases (common.Tracker) on the first probe_size training points
+    track: list[str] = field(default_factory=list)  # ntk and/or cka (oinfo needs an FNN's hidden layer)
+    track_every: int = 100  # a multiple of eval_every
+    probe_size: int = 64  # one backward pass per probe point and measurement
     # --- runtime
     phases: str = "weak,groktransfer,scratch"  # which phases to run, in this order
     seed: int = 0
@@ -142,6 +146,11 @@ def check(cfg: Config):
                           f"{cfg.grokfast_lamb}")
     if cfg.ckpt_every < 0:
         raise ConfigError(f"ckpt_every must be >= 0, got {cfg.ckpt_every}")
+    common.require(cfg, positive=("track_every", "probe_size"))
+    if any(t not in ("ntk", "cka") for t in cfg.track):
+        raise ConfigError(f"track must be a subset of ntk, cka for a transformer; got {','.join(cfg.track)}")
+    if cfg.track and cfg.track_every % cfg.eval_every:
+        raise ConfigError(f"track_every ({cfg.track_every}) must be a multiple of eval_every ({cfg.eval_every})")
     common.pick_device(cfg.device)
 
 
@@ -259,8 +268,11 @@ def main(argv=None):
         prefix = "gt" if phase == "groktransfer" else phase
         init, lr, wd = (getattr(cfg, f"{prefix}_{key}") for key in ("init_scale", "lr", "wd"))
         model = target_model(cfg, seeds, init, device, weak=weak if phase == "groktransfer" else None)
+        n = min(cfg.probe_size, n_train)
+        tracker = common.Tracker(model, data["x_train"][:n], data["y_train"][:n], cfg.track, cfg.track_every,
+                                 n_out) if cfg.track else None
         hist = common.train(model, data, epochs=cfg.epochs, lr=lr, wd=wd, stop_at=cfg.stop_at, desc=phase,
-                            ckpt=record.checkpoint(phase), **opt,
+                            ckpt=record.checkpoint(phase), tracker=tracker, **opt,
                             grokfast=(cfg.grokfast_alpha, cfg.grokfast_lamb) if phase == "grokfast" else None)
         record.phase_done(phase, hist, model)
 
@@ -268,6 +280,8 @@ def main(argv=None):
     common.save_json(record.summary, run / "summary.json")
     record.save_models()
     png = common.plot_dynamics(run, title=title)
+    if cfg.track:
+        print(f"wrote {common.plot_progress(run, title=title)}")
     print(f"wrote {run / 'summary.json'} and {png}")
     return run
 

@@ -181,10 +181,13 @@ def test_parity_task_runs_the_transformer_on_bit_tokens(tmp_path):
     run = tmp_path / "run"
     r = subprocess.run([sys.executable, str(ROOT / "exp_transformer.py"), "--config", str(SMOKE), "--op", "parity",
                         "--q", "6", "--k", "2", "--n", "64", "--n_test", "64", "--epochs", "20",
-                        "--phases", "scratch", "--out", str(run)], capture_output=True, text=True, cwd=tmp_path)
+                        "--phases", "scratch", "--track", "cka", "--track_every", "10", "--probe_size", "8",
+                        "--out", str(run)], capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     s = json.loads((run / "summary.json").read_text())
     assert s["n_train"] == 64 and list(s["phases"]) == ["scratch"]
+    epochs, align = common.read_progress(run / "progress.csv")["scratch"]["kernel_alignment"]
+    assert epochs.tolist() == [0, 10, 20] and np.all(np.abs(align) <= 1)
     cfg = et.Config(op="parity", q=6, k=2, n=64, n_test=64)
     d = et.make_data(cfg, "cpu")
     assert d["x_train"].shape == (64, 6) and set(d["x_train"].unique().tolist()) <= {0, 1}
@@ -197,6 +200,7 @@ def test_parity_task_runs_the_transformer_on_bit_tokens(tmp_path):
     (["--phases", "groktransfer"], "needs the 'weak' phase"),
     (["--grokfast_alpha", "1.5"], "grokfast_alpha must be in [0, 1)"),
     (["--n_heads", "0"], "n_heads must be positive"),
+    (["--track", "oinfo"], "track must be a subset of ntk, cka"),
     (["--phases", "weak,finetune"], "phases must be"),
 ])
 def test_bad_input_exits_2_before_any_work(tmp_path, args, words):
