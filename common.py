@@ -510,11 +510,16 @@ class Transformer(nn.Module):
     W_out relu(W_in h + b_in) + b_out (Nanda's). Weights are stacked per member: (K, in, out).
 
     embed: Embedding or FactoredEmbedding (its table() is (K, vocab, d_model)); pos: (K, n_ctx, d_model).
+    layer_norm: pre-LayerNorm blocks instead, h += Attn(LN(h)); h += MLP(LN(h)), and LN before the
+    unembedding (the GPT-2-style model of Lee et al. (2024)'s GrokFast code, which Fig 8 "follows");
+    each LN has a per-member gain and bias (blocks' ln1_w, ln1_b, ln2_w, ln2_b; ln_f).
     """
 
-    def __init__(self, embed: nn.Module, pos: torch.Tensor, blocks: list[dict], unembed: torch.Tensor, n_heads: int):
+    def __init__(self, embed: nn.Module, pos: torch.Tensor, blocks: list[dict], unembed: torch.Tensor, n_heads: int,
+                 ln_f: dict | None = None):
         super().__init__()
         self.embed, self.n_heads = embed, n_heads
+        self.ln_f = nn.ParameterDict({k: nn.Parameter(v) for k, v in ln_f.items()}) if ln_f else None
         self.pos = nn.Parameter(pos)  # (K, n_ctx, d)
         self.blocks = nn.ModuleList(nn.ParameterDict({k: nn.Parameter(v) for k, v in b.items()}) for b in blocks)
         self.unembed = nn.Parameter(unembed)  # (K, d, n_out)
@@ -525,12 +530,19 @@ class Transformer(nn.Module):
         K, d = table.shape[0], table.shape[2]
         n, T = x.shape
         h = (table[:, x] + self.pos[:, None, :T]).reshape(K, n * T, d)  # (K, n T, d): one bmm per weight
+        def norm(h, w, b):  # LayerNorm with per-member gain and bias, or nothing (Nanda et al.)
+            return F.layer_norm(h, h.shape[-1:]) * w + b if self.ln_f is not None else h
+
         for b in self.blocks:
-            qkv = torch.bmm(h, b["w_qkv"]).view(K * n, T, 3, self.n_heads, -1)  # (K n, T, 3, H, d_head)
+            a = norm(h, b["ln1_w"], b["ln1_b"]) if self.ln_f is not None else h
+            qkv = torch.bmm(a, b["w_qkv"]).view(K * n, T, 3, self.n_heads, -1)  # (K n, T, 3, H, d_head)
             q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (K n, H, T, d_head)
             z = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (K n, H, T, d_head)
             h = h + torch.bmm(z.transpose(1, 2).reshape(K, n * T, -1), b["w_o"])
-            h = h + torch.bmm(torch.relu(torch.bmm(h, b["w_in"]) + b["b_in"]), b["w_out"]) + b["b_out"]
+            a = norm(h, b["ln2_w"], b["ln2_b"]) if self.ln_f is not None else h
+            h = h + torch.bmm(torch.relu(torch.bmm(a, b["w_in"]) + b["b_in"]), b["w_out"]) + b["b_out"]
+        if self.ln_f is not None:
+            h = norm(h, self.ln_f["w"], self.ln_f["b"])
         if all_positions:
             return torch.bmm(h, self.unembed).view(K, n, T, -1)
         last = h.view(K, n, T, d)[:, :, -1]  # (K, n, d)
@@ -538,11 +550,13 @@ class Transformer(nn.Module):
 
 
 def transformer(vocab: int, n_ctx: int, n_out: int, *, n_layers: int, d_model: int, d_mlp: int, n_heads: int,
-                d_head: int, init_scales, seeds, weak: torch.Tensor | None = None) -> Transformer:
+                d_head: int, init_scales, seeds, weak: torch.Tensor | None = None, layer_norm: bool = False) -> Transformer:
     """Build K Transformer members, member k from Generator(seeds[k]), with PyTorch's default inits
     times init_scale (the paper's "init scale"): token and position embeddings as nn.Embedding,
     N(0, 1); every weight and bias as nn.Linear, U(+-1/sqrt(fan_in)). With `weak` (vocab, r) or
     (K, vocab, r), the token embedding is FactoredEmbedding(A = weak, B random) as in token_mlp.
+    layer_norm: pre-LN blocks; LayerNorm gains start at 1 and biases at 0 (nn.LayerNorm's default,
+    not scaled: init scale multiplies weights).
     """
     K = len(seeds)
     scales = _per_member(init_scales, K)
@@ -561,7 +575,15 @@ def transformer(vocab: int, n_ctx: int, n_out: int, *, n_layers: int, d_model: i
                    w_in=linear(d_model, (d_model, d_mlp)), b_in=linear(d_model, (1, d_mlp)),
                    w_out=linear(d_mlp, (d_mlp, d_model)), b_out=linear(d_mlp, (1, d_model)))
               for _ in range(n_layers)]
-    return Transformer(embed, pos, blocks, linear(d_model, (d_model, n_out)), n_heads)
+    unembed = linear(d_model, (d_model, n_out))
+    ln_f = None
+    if layer_norm:
+        def ln():
+            return torch.ones(K, 1, d_model), torch.zeros(K, 1, d_model)
+        for b in blocks:
+            (b["ln1_w"], b["ln1_b"]), (b["ln2_w"], b["ln2_b"]) = ln(), ln()
+        ln_f = dict(zip(("w", "b"), ln()))
+    return Transformer(embed, pos, blocks, unembed, n_heads, ln_f)
 
 
 def transformer_flops(n_tokens: int, n_layers: int, d_model: int, d_mlp: int, n_heads: int, d_head: int, n_ctx: int,

@@ -80,6 +80,7 @@ class Config:
     d_mlp: int = 512
     n_heads: int = 4
     d_head: int = 128
+    layer_norm: bool = False  # Nanda et al.'s blocks have none; Fig 8 / 16 "follow Lee et al.", whose model is pre-LN
     epochs: int = 10_000  # every target phase (A.4.1: scratch needs ~1e4 epochs, GrokTransfer ~1e3)
     # (init scale, lr, wd) per target phase; none = SETTINGS above (the paper's for the modular tasks)
     gt_init_scale: float | None = None  # paper: 0.7 (8 layers), 0.6 (2 layers)
@@ -188,7 +189,7 @@ def target_model(cfg, seeds, init_scale, device, weak=None):
     vocab, n_ctx, n_out = vocab_ctx_out(cfg)
     return common.transformer(vocab, n_ctx, n_out, n_layers=cfg.n_layers, d_model=cfg.d_model, d_mlp=cfg.d_mlp,
                               n_heads=cfg.n_heads, d_head=cfg.d_head, init_scales=init_scale, seeds=seeds,
-                              weak=weak).to(device)
+                              weak=weak, layer_norm=cfg.layer_norm).to(device)
 
 
 # =============================================================================

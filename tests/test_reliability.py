@@ -18,10 +18,11 @@ def cmd(script, *args):
 
 
 def without_times(path):
-    """summary.json minus the wall-clock fields (and peak memory), which differ between any two runs."""
+    """summary.json minus the wall-clock fields (wall_s, compute_s*) and peak memory, which differ between any two runs."""
     def strip(obj):
         if isinstance(obj, dict):
-            return {k: strip(v) for k, v in obj.items() if k not in ("wall_s", "peak_rss_mib", "peak_cuda_mib")}
+            return {k: strip(v) for k, v in obj.items()
+                    if k not in ("wall_s", "peak_rss_mib", "peak_cuda_mib") and not k.startswith("compute_s")}
         if isinstance(obj, list):
             return [strip(v) for v in obj]
         return obj

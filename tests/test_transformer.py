@@ -46,25 +46,40 @@ def test_causal_mask_position_t_sees_only_tokens_up_to_t():
         assert not torch.allclose(out[:, :, t:], base[:, :, t:])  # position t and later do
 
 
-def test_forward_matches_a_hand_written_transformer():
+@pytest.mark.parametrize("layer_norm", [False, True])
+def test_forward_matches_a_hand_written_transformer(layer_norm):
     """Token + position embedding, then per layer h += softmax(q k^T / sqrt(d_head), causal) v W_O
-    (heads concatenated) and h += W_out relu(W_in h + b_in) + b_out; logits W_U h[-1]."""
-    model = tiny(n_layers=2, n_heads=2, d_head=8)
+    (heads concatenated) and h += W_out relu(W_in h + b_in) + b_out; logits W_U h[-1]. With
+    layer_norm, attention and MLP read LN(h) (pre-LN) and the unembedding reads LN(h)."""
+    model = tiny(n_layers=2, n_heads=2, d_head=8, layer_norm=layer_norm)
+    if layer_norm:  # gains and biases away from 1 and 0, so that a wrong use would show
+        with torch.no_grad():
+            for name, prm in model.named_parameters():
+                if "ln" in name:
+                    prm.add_(0.3 * torch.randn_like(prm))
     x = torch.randint(0, 11, (3, 5))
     H, dh = 2, 8
+
+    def ln(h, w, b):
+        return (h - h.mean(-1, keepdim=True)) / torch.sqrt(h.var(-1, unbiased=False, keepdim=True) + 1e-5) * w[0] + b[0]
+
     for i in range(3):
         h = model.embed.weight[0, x[i]] + model.pos[0]  # (T, d)
         for b in model.blocks:
             w_qkv = b["w_qkv"][0]
+            a = ln(h, b["ln1_w"], b["ln1_b"]) if layer_norm else h
             heads = []
             for j in range(H):  # columns of w_qkv: [q | k | v], each H * d_head, head-major
-                q = h @ w_qkv[:, j * dh:(j + 1) * dh]
-                k = h @ w_qkv[:, H * dh + j * dh:H * dh + (j + 1) * dh]
-                v = h @ w_qkv[:, 2 * H * dh + j * dh:2 * H * dh + (j + 1) * dh]
+                q = a @ w_qkv[:, j * dh:(j + 1) * dh]
+                k = a @ w_qkv[:, H * dh + j * dh:H * dh + (j + 1) * dh]
+                v = a @ w_qkv[:, 2 * H * dh + j * dh:2 * H * dh + (j + 1) * dh]
                 scores = q @ k.T / math.sqrt(dh) + torch.triu(torch.full((5, 5), -math.inf), 1)
                 heads.append(torch.softmax(scores, -1) @ v)
             h = h + torch.cat(heads, -1) @ b["w_o"][0]
-            h = h + torch.relu(h @ b["w_in"][0] + b["b_in"][0]) @ b["w_out"][0] + b["b_out"][0]
+            a = ln(h, b["ln2_w"], b["ln2_b"]) if layer_norm else h
+            h = h + torch.relu(a @ b["w_in"][0] + b["b_in"][0]) @ b["w_out"][0] + b["b_out"][0]
+        if layer_norm:
+            h = ln(h, model.ln_f["w"], model.ln_f["b"])
         torch.testing.assert_close(model(x)[0, i], h[-1] @ model.unembed[0], rtol=1e-4, atol=1e-4)
 
 
@@ -169,7 +184,7 @@ def test_smoke_run_writes_every_phase_and_table1(tmp_path):
     assert list(metrics) == ["weak", "groktransfer", "scratch", "grokfast"]
     for phase in ("groktransfer", "scratch", "grokfast"):
         m = metrics[phase]["metrics"][:, 0]  # (E, 5)
-        assert metrics[phase]["epochs"][-1] == 150 and m[-1, 0] < m[0, 0]  # trained: train loss fell
+        assert metrics[phase]["epochs"][-1] == 100 and m[-1, 0] < m[0, 0]  # trained: train loss fell
     emb = torch.load(run / "embedding.pt")["embedding"]
     assert emb.shape == (23, 4)
     models = torch.load(run / "models.pt")
