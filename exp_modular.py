@@ -344,6 +344,7 @@ def plot_ntk(run, out):
             e, v = measures["ntk_change"]
             ax.plot(e[e > 0], np.nanmean(v[e > 0], 1), label=phase)
     ax.set_xscale("log")
+    ax.set_yscale("log")  # small init scales make Theta_0 tiny: the change spans orders of magnitude
     ax.set_xlabel("epoch")
     ax.set_ylabel("||Θt - Θ0||F / ||Θ0||F")
     ax.set_title("change of the empirical NTK (Fig 3)", fontsize=10)
