@@ -1708,15 +1708,21 @@ def plot_grid(rows: list[dict], out: Path, title: str = "") -> Path:
     ax.set_title(f"{title}: {n_reached} of {len(rows)} points reached\n"
                  f"cell = best over init scale; red box = best point; - = none reached", fontsize=8)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    write_atomic(out, buf.getvalue())
-    return Path(out)
+    return save_figure(fig, out)
 
 
 # -----------------------------------------------------------------------------
 # Plots: drawn from metrics.csv, so they can be redrawn for any finished run
+
+
+def save_figure(fig, out, dpi: int = 120) -> Path:
+    """Write a matplotlib figure to `out` as PNG, atomically, and close it."""
+    import matplotlib.pyplot as plt
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    plt.close(fig)
+    write_atomic(Path(out), buf.getvalue())
+    return Path(out)
 
 
 PHASE_TITLES = {"weak": "weak model", "groktransfer": "target via GrokTransfer", "scratch": "target from scratch",
@@ -1780,12 +1786,7 @@ def plot_dynamics(run: Path, out: Path | None = None, title: str = "") -> Path:
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    out = Path(out) if out else run / "dynamics.png"
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    write_atomic(out, buf.getvalue())
-    return out
+    return save_figure(fig, out or run / "dynamics.png")
 
 
 MEASURE_LABELS = {"ntk_change": "||Θt - Θ0|| / ||Θ0||", "kernel_alignment": "kernel-task alignment",
@@ -1843,12 +1844,7 @@ def plot_progress(run: Path, out: Path | None = None, title: str = "") -> Path:
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    out = Path(out) if out else run / "progress.png"
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    write_atomic(out, buf.getvalue())
-    return out
+    return save_figure(fig, out or run / "progress.png", dpi=110)
 
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "plot":

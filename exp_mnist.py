@@ -367,10 +367,7 @@ def study(cfg, run, data, device, record, opt):
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    common.write_atomic(run / f"study_{cfg.study}.png", buf.getvalue())
+    common.save_figure(fig, run / f"study_{cfg.study}.png")
     print(f"wrote {run / 'summary.json'} and {run / f'study_{cfg.study}.png'}")
     return run
 

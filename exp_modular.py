@@ -351,17 +351,7 @@ def plot_ntk(run, out):
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    return save_png(fig, out)
-
-
-def save_png(fig, out):
-    import io
-    import matplotlib.pyplot as plt
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    common.write_atomic(out, buf.getvalue())
-    return out
+    return common.save_figure(fig, out)
 
 
 class Snapshots:
@@ -417,7 +407,7 @@ def study_weak_epochs(cfg, run, data, device, seeds, record, opt):
         ax.grid(alpha=0.3)
     fig.suptitle(f"weak embedding taken at epochs {snaps} (labels); targets {cfg.epochs} epochs (Fig 7)", fontsize=9)
     fig.tight_layout()
-    return [save_png(fig, run / "weak_epochs.png"), common.plot_dynamics(run)]
+    return [common.save_figure(fig, run / "weak_epochs.png"), common.plot_dynamics(run)]
 
 
 def study_weak_embedding_view(cfg, run, weak, record):
@@ -439,7 +429,7 @@ def study_weak_embedding_view(cfg, run, weak, record):
     record.summary["study"] = dict(name="weak_embedding_view", explained_variance=explained.tolist())
     common.save_json(record.summary, run / "summary.json")
     common.save_atomic(dict(coords=torch.as_tensor(coords), explained=torch.as_tensor(explained)), run / "pca.pt")
-    return [save_png(fig, run / "weak_embedding_view.png")]
+    return [common.save_figure(fig, run / "weak_embedding_view.png")]
 
 
 def study_low_rank(cfg, run, data, device, seeds, weak, record, opt):
@@ -503,7 +493,7 @@ def study_low_rank(cfg, run, data, device, seeds, weak, record, opt):
     axes[0].set_ylabel("accuracy")
     fig.suptitle(f"{cfg.op} mod {cfg.p}: is low rank the reason? (Fig 15)", fontsize=10)
     fig.tight_layout()
-    return [save_png(fig, run / "low_rank.png"), common.plot_dynamics(run)]
+    return [common.save_figure(fig, run / "low_rank.png"), common.plot_dynamics(run)]
 
 
 def onehot_pairs(data: dict, p: int) -> dict:

@@ -33,7 +33,6 @@ import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
 import common
 import exp_modular

@@ -32,7 +32,6 @@ Every config key below is also a flag (--key value).
 from __future__ import annotations
 
 import dataclasses
-import io
 import math
 import time
 from dataclasses import dataclass, field
@@ -449,14 +448,6 @@ def neuron_features(W: torch.Tensor) -> list[dict]:
 # Figures particular to this experiment (the dynamics panels come from common.plot_dynamics)
 
 
-def _save(fig, path):
-    import matplotlib.pyplot as plt
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    common.write_atomic(path, buf.getvalue())
-    return path
-
 
 def plot_neurons(W: torch.Tensor, test_acc: float, path: Path):
     """Fig 4c: each weak neuron's first two coordinates (arrows) and the norm of the rest (bars)."""
@@ -488,7 +479,7 @@ def plot_neurons(W: torch.Tensor, test_acc: float, path: Path):
     bx.set_ylim(0, 1.35 * float(max(first.max(), rest.max())))  # room for the legend
     bx.legend(fontsize=8, loc="upper center", ncol=2)
     fig.tight_layout()
-    return _save(fig, path)
+    return common.save_figure(fig, path)
 
 
 def plot_embedding3d(E: torch.Tensor, y: torch.Tensor, path: Path):
@@ -508,7 +499,7 @@ def plot_embedding3d(E: torch.Tensor, y: torch.Tensor, path: Path):
     ax.legend(fontsize=8)
     ax.set_title(f"{len(y)} fresh points through the weak first layer", fontsize=9)
     fig.tight_layout()
-    return _save(fig, path)
+    return common.save_figure(fig, path)
 
 
 # =============================================================================
@@ -612,7 +603,7 @@ def study_norm_ratio(cfg, run, seeds, device):
     axes[0].set_title(f"r_W against p (n = {cfg.ratio_n}); paper: flat", fontsize=9)
     axes[1].set_title(f"r_W against n (p = {cfg.ratio_p}); paper: slope about -1/2", fontsize=9)
     fig.tight_layout()
-    _save(fig, run / "norm_ratio.png")
+    common.save_figure(fig, run / "norm_ratio.png")
     common.save_json(dict(results=results, slopes=slopes), run / "summary.json")
     print("fitted log-log slopes: " + ", ".join(f"{k} {v:.3f}" for k, v in slopes.items() if v is not None))
     print(f"wrote {run / 'summary.json'} and {run / 'norm_ratio.png'}")
