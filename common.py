@@ -814,8 +814,8 @@ TRACKABLE = ("ntk", "cka", "oinfo")
 
 
 class Tracker:
-    """Progress measures of every member on a fixed probe subset, computed at epoch 0 and every
-    `every` epochs by common.train (as part of the evaluation, so outside the timed training):
+    """Progress measures of every member on a fixed probe subset, computed at epoch 0, at powers of two
+    below `every` and every `every` epochs by common.train (at evaluation, outside the timed training):
       ntk:   ||Theta_t - Theta_0||_F / ||Theta_0||_F of the empirical NTK (Theta_0 from the model as
              built, so a resumed run gets the same reference);
       cka:   centred alignment of Theta_t with the label kernel (Kumar et al.);
@@ -978,7 +978,8 @@ def train(model, data, *, epochs: int, lr, wd, betas=(0.9, 0.999), eps=1e-8, eva
     so far) and exits with status 130.
     grokfast: (alpha, lamb): filter every gradient with GrokFast before the AdamW step.
     tracker: a Tracker (or any object with .every and __call__(model, epoch) -> {name: (K,) array}),
-    called at epoch 0 and every tracker.every epochs (outside compute_s); its values are history["tracked"]: {"epochs": (T,), measure: (T, K)} (NaN for dropped members).
+    called at epoch 0, at powers of two below tracker.every and every tracker.every epochs (outside
+    compute_s); its values are history["tracked"]: {"epochs": (T,), measure: (T, K)} (NaN for dropped members).
     Returns dict: epochs (E,), metrics (E, K, 5) numpy, stop_epoch / failed_epoch (K,) (-1 = never),
     epochs_run, wall_s, compute_s (E,): seconds spent training (forward, backward, optimizer) up to
     each logged epoch, evaluation excluded (the device is synchronised around every evaluation).
@@ -995,8 +996,10 @@ def train(model, data, *, epochs: int, lr, wd, betas=(0.9, 0.999), eps=1e-8, eva
     tracked: dict[str, list] = {"epochs": []}
     eval_s = 0.0  # seconds spent evaluating (excluded from compute_s)
     eval_at = set(range(0, epochs + 1, eval_every)) | {e for e in (1, 2, 4, 8, 16, 32, 64) if e < eval_every} | {epochs}
-    if tracker is not None:
-        eval_at |= set(range(0, epochs + 1, tracker.every))
+    track_at = set()
+    if tracker is not None:  # every `every` epochs, and at powers of two below it (early dynamics on log-x plots)
+        track_at = set(range(0, epochs + 1, tracker.every)) | {e for e in (1, 2, 4, 8, 16, 32, 64) if e < tracker.every}
+        eval_at |= track_at
     bar = _progress(epochs, desc, quiet)
     log_every = max(eval_every, (epochs // 10) // eval_every * eval_every)
     t0, epoch = time.perf_counter(), 0
@@ -1009,7 +1012,7 @@ def train(model, data, *, epochs: int, lr, wd, betas=(0.9, 0.999), eps=1e-8, eva
         t_eval = time.perf_counter()
         compute_s.append(t_eval - t0 - eval_s)
         last_row[alive] = evaluate(model, data, loss_fn, acc_fn).cpu().numpy()  # (K held, 5)
-        if tracker is not None and epoch % tracker.every == 0:
+        if epoch in track_at:
             tracked["epochs"].append(epoch)
             for name, values in tracker(model, epoch).items():
                 full = np.full(K, np.nan)

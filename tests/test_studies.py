@@ -32,7 +32,7 @@ def test_study_ntk_trains_each_fixed_embedding_and_tracks_the_kernel(tmp_path):
     assert s["study"]["embeddings"]["fourier"]["d"] == 14 and s["study"]["embeddings"]["onehot"]["lr"] == 0.01
     prog = common.read_progress(out / "progress.csv")
     e, v = prog["onehot"]["ntk_change"]
-    assert e.tolist() == [0, 50, 100] and v[0, 0] == 0 and v[-1, 0] > 0
+    assert e.tolist() == [0, 1, 2, 4, 8, 16, 32, 50, 100] and v[0, 0] == 0 and v[-1, 0] > 0
     for png in ("embeddings.png", "ntk.png", "progress.png"):
         assert (out / png).stat().st_size > 10_000
 
@@ -78,7 +78,7 @@ def test_study_oinfo_one_phase_per_weight_decay(tmp_path):
     prog = common.read_progress(out / "progress.csv")
     e, syn = prog["wd_0.1"]["synergy"]
     _, red = prog["wd_0.1"]["redundancy"]
-    assert e.tolist() == [0, 20, 40] and np.all(syn <= red)
+    assert e.tolist() == [0, 1, 2, 4, 8, 16, 20, 40] and np.all(syn <= red)
     assert s["study"]["phases"]["wd_2"]["min_synergy"] == pytest.approx(float(prog["wd_2"]["synergy"][1].min()), abs=1e-9)
     import torch
     assert torch.load(out / "models.pt")["wd_0.1"]["biases.0"].shape == (1, 1, 24)  # Clauw et al.'s biases
@@ -90,7 +90,7 @@ def test_track_in_the_default_run(tmp_path):
     prog = common.read_progress(out / "progress.csv")
     assert set(prog["scratch"]) == {"ntk_change", "kernel_alignment"}
     e, align = prog["scratch"]["kernel_alignment"]
-    assert e.tolist() == [0, 100, 200, 300] and np.all(np.abs(align) <= 1)
+    assert e.tolist() == [0, 1, 2, 4, 8, 16, 32, 64, 100, 200, 300] and np.all(np.abs(align) <= 1)
     assert (out / "progress.png").stat().st_size > 10_000
 
 

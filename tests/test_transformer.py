@@ -202,7 +202,7 @@ def test_parity_task_runs_the_transformer_on_bit_tokens(tmp_path):
     s = json.loads((run / "summary.json").read_text())
     assert s["n_train"] == 64 and list(s["phases"]) == ["scratch"]
     epochs, align = common.read_progress(run / "progress.csv")["scratch"]["kernel_alignment"]
-    assert epochs.tolist() == [0, 10, 20] and np.all(np.abs(align) <= 1)
+    assert epochs.tolist() == [0, 1, 2, 4, 8, 10, 20] and np.all(np.abs(align) <= 1)
     cfg = et.Config(op="parity", q=6, k=2, n=64, n_test=64)
     d = et.make_data(cfg, "cpu")
     assert d["x_train"].shape == (64, 6) and set(d["x_train"].unique().tolist()) <= {0, 1}
