@@ -151,3 +151,11 @@ def test_join_histories_shifts_the_second_part():
     assert j["epochs"].tolist() == [0, 1, 2, 4, 8, 10, 20, 21, 22, 24, 28, 30, 40, 50] and j["epochs_run"] == 50
     assert j["metrics"].shape == (14, 1, 5) and np.all(np.diff(j["compute_s"]) >= 0)
     np.testing.assert_array_equal(j["metrics"][-1], b["metrics"][-1])
+
+
+@pytest.mark.skipif(not em.text_available(), reason="optional extra not installed (requirements-text.txt)")
+def test_text_embedding_rows_are_unit_norm_and_near_numbers_are_close():
+    E = em.fixed_embedding("text", 30, 16)
+    assert E.shape == (30, 16)
+    torch.testing.assert_close(E.norm(dim=1), torch.ones(30))
+    assert torch.equal(E, em.fixed_embedding("text", 30, 16))  # the projection is fixed
