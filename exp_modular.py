@@ -393,10 +393,17 @@ def study_weak_epochs(cfg, run, data, device, seeds, record, opt):
                  final_test_acc=m["final_test_acc"]) for e, a, m in zip(snaps, weak_acc, s["members"])]
     record.summary["study"] = dict(name="weak_epochs", rows=rows)
     common.save_json(record.summary, run / "summary.json")
+    title = f"weak embedding taken at epochs {snaps} (labels); targets {cfg.epochs} epochs (Fig 7)"
+    return [plot_weak_epochs(rows, run / "weak_epochs.png", title), common.plot_dynamics(run)]
 
+
+def plot_weak_epochs(rows: list[dict], out, title: str = ""):
+    """Fig 7: 1/TimeGap and the target's final test accuracy against the weak model's test accuracy
+    at transfer, points in order of that accuracy, labelled by the weak epoch."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    rows = sorted(rows, key=lambda r: r["weak_test_acc"])
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
     x = [r["weak_test_acc"] for r in rows]
     for ax, key, label in zip(axes, ("inverse_time_gap", "final_test_acc"), ("1 / Time Gap", "target final test acc")):
@@ -407,9 +414,9 @@ def study_weak_epochs(cfg, run, data, device, seeds, record, opt):
         ax.set_xlabel("weak model test accuracy at transfer")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-    fig.suptitle(f"weak embedding taken at epochs {snaps} (labels); targets {cfg.epochs} epochs (Fig 7)", fontsize=9)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    return [common.save_figure(fig, run / "weak_epochs.png"), common.plot_dynamics(run)]
+    return common.save_figure(fig, out)
 
 
 def study_weak_embedding_view(cfg, run, weak, record):

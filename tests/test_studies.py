@@ -102,8 +102,11 @@ def test_track_in_the_default_run(tmp_path):
     (["--study", "low_rank", "--merge_at", "500"], "merge_at (500) must be below epochs"),
     (["--study", "weak_epochs", "--weak_snapshots", "0,100"], "weak_snapshots must be positive"),
 ])
-def test_bad_study_input_exits_2(tmp_path, args, words):
-    r = subprocess.run([sys.executable, str(ROOT / "exp_modular.py"), "--config", str(SMOKE), "--out", str(tmp_path / "r"),
-                        *args], capture_output=True, text=True, cwd=tmp_path)
-    assert r.returncode == 2 and words in r.stderr and r.stderr.count("\n") == 1, r.stderr
+def test_bad_study_input_exits_2(tmp_path, monkeypatch, capsys, args, words):
+    """In-process (main() is what `python exp_modular.py ...` runs), to keep the suite fast."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        em.main(["--config", str(SMOKE), "--out", str(tmp_path / "r"), *args])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and words in err and err.count("\n") == 1, err
     assert not (tmp_path / "r").exists()

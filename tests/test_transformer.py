@@ -218,8 +218,11 @@ def test_parity_task_runs_the_transformer_on_bit_tokens(tmp_path):
     (["--track", "oinfo"], "track must be a subset of ntk, cka"),
     (["--phases", "weak,finetune"], "phases must be"),
 ])
-def test_bad_input_exits_2_before_any_work(tmp_path, args, words):
-    r = subprocess.run([sys.executable, str(ROOT / "exp_transformer.py"), "--config", str(SMOKE),
-                        "--out", str(tmp_path / "r"), *args], capture_output=True, text=True, cwd=tmp_path)
-    assert r.returncode == 2 and words in r.stderr and r.stderr.count("\n") == 1, r.stderr
+def test_bad_input_exits_2_before_any_work(tmp_path, monkeypatch, capsys, args, words):
+    """In-process (main() is what `python exp_transformer.py ...` runs), to keep the suite fast."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        et.main(["--config", str(SMOKE), "--out", str(tmp_path / "r"), *args])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and words in err and err.count("\n") == 1, err
     assert not (tmp_path / "r").exists()
