@@ -819,7 +819,8 @@ class Tracker:
       ntk:   ||Theta_t - Theta_0||_F / ||Theta_0||_F of the empirical NTK (Theta_0 from the model as
              built, so a resumed run gets the same reference);
       cka:   centred alignment of Theta_t with the label kernel (Kumar et al.);
-      oinfo: synergy, redundancy and synergy_size of the first hidden layer (model.hidden(x)).
+      oinfo: synergy, redundancy and synergy_size of the first hidden layer (model.hidden(x));
+    and always wnorm:<parameter>, the L2 norm of each parameter tensor (the weight norm per layer).
     Calling it returns {measure: (K,) array}."""
 
     def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, names: list[str], every: int,
@@ -848,6 +849,8 @@ class Tracker:
             per = [oinfo_measures(hk, self.n_bins) for hk in h]
             for key in ("synergy", "redundancy", "synergy_size"):
                 out[key] = np.array([m[key] for m in per])
+        for name, p in model.named_parameters():  # weight norm per layer, beside the measures
+            out[f"wnorm:{name}"] = p.detach().flatten(1).norm(dim=1).cpu().numpy()
         return out
 
 # -----------------------------------------------------------------------------
@@ -1807,7 +1810,9 @@ def plot_progress(run: Path, out: Path | None = None, title: str = "") -> Path:
 
     run = Path(run)
     prog, metrics = read_progress(run / "progress.csv"), read_metrics(run / "metrics.csv")
-    names = list(dict.fromkeys(n for p in prog.values() for n in p))
+    names = list(dict.fromkeys(n for p in prog.values() for n in p if not n.startswith("wnorm:")))
+    if any(n.startswith("wnorm:") for p in prog.values() for n in p):
+        names.append("wnorm")  # one panel: every layer's weight norm
     fig, axes = plt.subplots(1 + len(names), len(prog), figsize=(4.6 * len(prog), 2.5 * (1 + len(names))),
                              squeeze=False, sharex="col")
     for col, (phase, measures) in enumerate(prog.items()):
@@ -1825,6 +1830,14 @@ def plot_progress(run: Path, out: Path | None = None, title: str = "") -> Path:
             ax.legend(loc="upper right", fontsize=7)
         for row, name in enumerate(names, start=1):
             ax = axes[row][col]
+            if name == "wnorm":
+                for key, (e, v) in measures.items():
+                    if key.startswith("wnorm:"):
+                        ax.plot(e[e > 0], np.nanmean(v[e > 0], 1), lw=1, label=key[6:])
+                ax.set_ylabel("weight norm per layer", fontsize=8)
+                ax.legend(fontsize=6)
+                ax.grid(alpha=0.3)
+                continue
             if name not in measures:
                 ax.set_visible(False)
                 continue
@@ -1848,6 +1861,7 @@ def plot_progress(run: Path, out: Path | None = None, title: str = "") -> Path:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return save_figure(fig, out or run / "progress.png", dpi=110)
+
 
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "plot":

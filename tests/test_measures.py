@@ -135,7 +135,9 @@ def test_train_with_a_tracker_records_measures_at_its_epochs():
     hist = common.train(model, data, epochs=60, lr=1e-2, wd=0.0, eval_every=10, quiet=True, tracker=tracker)
     t = hist["tracked"]
     assert t["epochs"].tolist() == [0, 1, 2, 4, 8, 16, 20, 40, 60]  # powers of two below every, then every 20
-    assert set(t) == {"epochs", "ntk_change", "kernel_alignment", "synergy", "redundancy", "synergy_size"}
+    layers = {f"wnorm:{n}" for n, _ in model.named_parameters()}
+    assert set(t) == {"epochs", "ntk_change", "kernel_alignment", "synergy", "redundancy", "synergy_size"} | layers
+    np.testing.assert_allclose(t["wnorm:layers.0"][-1], model.layers[0].detach().flatten(1).norm(dim=1).numpy(), rtol=1e-6)
     assert t["ntk_change"].shape == (9, 2) and np.all(t["ntk_change"][0] == 0) and np.all(t["ntk_change"][-1] > 0)
     assert np.all(t["synergy"] <= t["redundancy"]) and np.all((t["synergy_size"] >= 3) & (t["synergy_size"] <= 4))
     with pytest.raises(common.ConfigError, match="track must be"):

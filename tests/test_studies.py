@@ -88,7 +88,8 @@ def test_study_oinfo_one_phase_per_weight_decay(tmp_path):
 def test_track_in_the_default_run(tmp_path):
     out, s, _ = run(tmp_path, "--track", "ntk,cka", "--track_every", "100", "--probe_size", "16", "--phases", "scratch")
     prog = common.read_progress(out / "progress.csv")
-    assert set(prog["scratch"]) == {"ntk_change", "kernel_alignment"}
+    assert set(prog["scratch"]) == {"ntk_change", "kernel_alignment", "wnorm:embed.weight", "wnorm:layers.0",
+                                    "wnorm:layers.1", "wnorm:layers.2"}
     e, align = prog["scratch"]["kernel_alignment"]
     assert e.tolist() == [0, 1, 2, 4, 8, 16, 32, 64, 100, 200, 300] and np.all(np.abs(align) <= 1)
     assert (out / "progress.png").stat().st_size > 10_000
