@@ -23,7 +23,7 @@ Usage:
   python exp_transformer.py                                   # Fig 6 left: add, 8 layers, d_model 512
   python exp_transformer.py --op mul                          # Fig 6 right / Fig 13 left
   python exp_transformer.py --config configs/transformer/fig8_add.yaml     # Fig 8: GT against GrokFast
-  python exp_transformer.py --config configs/transformer/fig13_parity.yaml --n_layers 4   # Fig 13 right
+  python exp_transformer.py --op parity --phases scratch --n_layers 2 --d_model 128 --d_head 32  # Fig 13 right
   python exp_transformer.py --config configs/smoke/transformer.yaml --device cpu          # the tests' run
 Every config key below is also a flag (--key value).
 """
