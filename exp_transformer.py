@@ -93,6 +93,7 @@ class Config:
     grokfast_wd: float | None = None  # paper: 1.0
     grokfast_alpha: float = 0.98  # EMA momentum (Lee et al.'s default)
     grokfast_lamb: float = 2.0  # amplification of the slow gradient (Lee et al.'s default)
+    grokfast_beta2: float | None = None  # AdamW beta2 of the grokfast phase; none = beta2 (Lee et al.: 0.98)
     # --- optimisation (AdamW, full batch, cross-entropy; betas and eps not stated: PyTorch defaults)
     beta1: float = 0.9
     beta2: float = 0.999  # Lee et al. and Nanda et al. use 0.98; the paper does not say
@@ -141,6 +142,8 @@ def check(cfg: Config):
         v = getattr(cfg, key)
         if v is not None and v <= 0:
             raise ConfigError(f"{key} must be positive, got {v}")
+    if cfg.grokfast_beta2 is not None and not 0 <= cfg.grokfast_beta2 < 1:
+        raise ConfigError(f"grokfast_beta2 must be in [0, 1), got {cfg.grokfast_beta2}")
     if not 0 <= cfg.grokfast_alpha < 1 or cfg.grokfast_lamb < 0:
         raise ConfigError(f"grokfast_alpha must be in [0, 1) and grokfast_lamb >= 0; got {cfg.grokfast_alpha}, "
                           f"{cfg.grokfast_lamb}")
@@ -271,8 +274,9 @@ def main(argv=None):
         n = min(cfg.probe_size, n_train)
         tracker = common.Tracker(model, data["x_train"][:n], data["y_train"][:n], cfg.track, cfg.track_every,
                                  n_out) if cfg.track else None
+        betas = (cfg.beta1, cfg.grokfast_beta2 if phase == "grokfast" and cfg.grokfast_beta2 is not None else cfg.beta2)
         hist = common.train(model, data, epochs=cfg.epochs, lr=lr, wd=wd, stop_at=cfg.stop_at, desc=phase,
-                            ckpt=record.checkpoint(phase), tracker=tracker, **opt,
+                            ckpt=record.checkpoint(phase), tracker=tracker, **dict(opt, betas=betas),
                             grokfast=(cfg.grokfast_alpha, cfg.grokfast_lamb) if phase == "grokfast" else None)
         record.phase_done(phase, hist, model)
 

@@ -214,6 +214,7 @@ def test_parity_task_runs_the_transformer_on_bit_tokens(tmp_path):
     (["--op", "parity", "--phases", "weak,groktransfer"], "runs the phases scratch and grokfast only"),
     (["--phases", "groktransfer"], "needs the 'weak' phase"),
     (["--grokfast_alpha", "1.5"], "grokfast_alpha must be in [0, 1)"),
+    (["--grokfast_beta2", "1.0"], "grokfast_beta2 must be in [0, 1)"),
     (["--n_heads", "0"], "n_heads must be positive"),
     (["--track", "oinfo"], "track must be a subset of ntk, cka"),
     (["--phases", "weak,finetune"], "phases must be"),
