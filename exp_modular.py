@@ -142,14 +142,22 @@ class Config:
     resume: bool = False  # continue the run in --out/--name from its checkpoints (finished phases are skipped)
 
 
+def check_task(op: str, p: int, train_frac: float):
+    """The task's own constraints (also used by exp_transformer.py)."""
+    if p < 2:
+        raise ConfigError(f"p must be >= 2, got {p}")
+    if op == "div" and any(p % q == 0 for q in range(2, int(p ** 0.5) + 1)):
+        raise ConfigError(f"op 'div' needs a prime p (every b != 0 invertible), got p = {p}")
+    if not 0 < train_frac < 1:
+        raise ConfigError(f"train_frac must be in (0, 1), got {train_frac}")
+    n = p * (p - 1 if op == "div" else p)
+    if round(train_frac * n) in (0, n):
+        raise ConfigError(f"train_frac {train_frac} leaves an empty train or test set for {n} pairs")
+
+
 def check(cfg: Config):
     """Reject bad input before any work starts (ConfigError -> one line, exit 2)."""
-    if cfg.p < 2:
-        raise ConfigError(f"p must be >= 2, got {cfg.p}")
-    if cfg.op == "div" and any(cfg.p % q == 0 for q in range(2, int(cfg.p ** 0.5) + 1)):
-        raise ConfigError(f"op 'div' needs a prime p (every b != 0 invertible), got p = {cfg.p}")
-    if not 0 < cfg.train_frac < 1:
-        raise ConfigError(f"train_frac must be in (0, 1), got {cfg.train_frac}")
+    check_task(cfg.op, cfg.p, cfg.train_frac)
     common.require(cfg, positive=("weak_d_embed", "weak_width", "weak_epochs", "d_embed", "width", "epochs",
                                   "eval_every", "seeds"), fractions=("transfer_at", "stop_at"))
     phases = common.phase_list(cfg.phases, PHASES)
@@ -159,9 +167,6 @@ def check(cfg: Config):
         v = getattr(cfg, key)
         if v is not None and v <= 0:
             raise ConfigError(f"{key} must be positive, got {v}")
-    n = cfg.p * (cfg.p - 1 if cfg.op == "div" else cfg.p)
-    if round(cfg.train_frac * n) in (0, n):
-        raise ConfigError(f"train_frac {cfg.train_frac} leaves an empty train or test set for {n} pairs")
     if cfg.ckpt_every < 0:
         raise ConfigError(f"ckpt_every must be >= 0, got {cfg.ckpt_every}")
     common.require(cfg, positive=("track_every", "probe_size", "text_dim", "merge_at", "oinfo_width", "oinfo_lr"))

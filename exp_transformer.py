@@ -129,12 +129,7 @@ def check(cfg: Config):
         if set(phases) & {"weak", "groktransfer"}:
             raise ConfigError("op 'parity' runs the phases scratch and grokfast only (no token embedding to transfer)")
     else:
-        if cfg.p < 2:
-            raise ConfigError(f"p must be >= 2, got {cfg.p}")
-        if cfg.op == "div" and any(cfg.p % d == 0 for d in range(2, int(cfg.p ** 0.5) + 1)):
-            raise ConfigError(f"op 'div' needs a prime p, got p = {cfg.p}")
-        if not 0 < cfg.train_frac < 1:
-            raise ConfigError(f"train_frac must be in (0, 1), got {cfg.train_frac}")
+        exp_modular.check_task(cfg.op, cfg.p, cfg.train_frac)
         if "groktransfer" in phases and "weak" not in phases and not cfg.weak_embedding:
             raise ConfigError("phase 'groktransfer' needs the 'weak' phase or --weak_embedding PATH")
     for key in ("weak_lr", "gt_lr", "scratch_lr", "grokfast_lr", "weak_init_scale", "gt_init_scale",
