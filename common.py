@@ -530,8 +530,9 @@ class Transformer(nn.Module):
         K, d = table.shape[0], table.shape[2]
         n, T = x.shape
         h = (table[:, x] + self.pos[:, None, :T]).reshape(K, n * T, d)  # (K, n T, d): one bmm per weight
-        def norm(h, w, b):  # LayerNorm with per-member gain and bias, or nothing (Nanda et al.)
-            return F.layer_norm(h, h.shape[-1:]) * w + b if self.ln_f is not None else h
+
+        def norm(h, w, b):  # LayerNorm with a per-member gain and bias
+            return F.layer_norm(h, h.shape[-1:]) * w + b
 
         for b in self.blocks:
             a = norm(h, b["ln1_w"], b["ln1_b"]) if self.ln_f is not None else h
@@ -1000,6 +1001,8 @@ def train(model, data, *, epochs: int, lr, wd, betas=(0.9, 0.999), eps=1e-8, eva
     eval_s = 0.0  # seconds spent evaluating (excluded from compute_s)
     eval_at = set(range(0, epochs + 1, eval_every)) | {e for e in (1, 2, 4, 8, 16, 32, 64) if e < eval_every} | {epochs}
     track_at = set()
+    if tracker is not None and compact:
+        raise ValueError("train: a tracker keeps per-member references (Theta_0), so it cannot be used with compact=True")
     if tracker is not None:  # every `every` epochs, and at powers of two below it (early dynamics on log-x plots)
         track_at = set(range(0, epochs + 1, tracker.every)) | {e for e in (1, 2, 4, 8, 16, 32, 64) if e < tracker.every}
         eval_at |= track_at

@@ -497,7 +497,7 @@ def study_low_rank(cfg, run, data, device, seeds, weak, record, opt):
             ax.plot(ep[keep], m[keep, :, 1].mean(1), color=color, ls="--", lw=1)
             ax.plot(ep[keep], m[keep, :, 3].mean(1), color=color, lw=1.5,
                     label=f"{'GrokTransfer' if name == 'groktransfer' else label[:3]} (test solid, train dashed)")
-        if cfg.study == "low_rank" and phase == "merged":
+        if phase == "merged":
             ax.axvline(cfg.merge_at, color="k", ls=":", lw=1)
         ax.set_xscale("log")
         ax.set_title(label, fontsize=9)

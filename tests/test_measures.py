@@ -140,6 +140,8 @@ def test_train_with_a_tracker_records_measures_at_its_epochs():
     np.testing.assert_allclose(t["wnorm:layers.0"][-1], model.layers[0].detach().flatten(1).norm(dim=1).numpy(), rtol=1e-6)
     assert t["ntk_change"].shape == (9, 2) and np.all(t["ntk_change"][0] == 0) and np.all(t["ntk_change"][-1] > 0)
     assert np.all(t["synergy"] <= t["redundancy"]) and np.all((t["synergy_size"] >= 3) & (t["synergy_size"] <= 4))
+    with pytest.raises(ValueError, match="cannot be used with compact"):  # Theta_0 is per member
+        common.train(model, data, epochs=1, lr=1e-2, wd=0.0, quiet=True, tracker=tracker, compact=True)
     with pytest.raises(common.ConfigError, match="track must be"):
         common.Tracker(model, data["x_train"][:4], data["y_train"][:4], ["cka", "loss"], 10, 11)
 
