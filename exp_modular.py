@@ -28,6 +28,7 @@ Every config key below is also a flag (--key value); `--config FILE.yaml` sets s
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import sys
 from dataclasses import dataclass, field
@@ -42,6 +43,7 @@ from common import ConfigError
 OPS = ("add", "sub", "mul", "div")
 PHASES = ("weak", "groktransfer", "scratch")
 STUDIES = ("none", "embeddings", "ntk", "weak_epochs", "weak_embedding_view", "low_rank", "oinfo")
+TRACKABLE = ("ntk", "cka", "oinfo")  # progress measures: NTK change, kernel alignment, O-information
 EMBEDDINGS = ("onehot", "binary", "fourier", "text")
 # Fig 2's (init scale, lr, wd) per fixed embedding (appendix A.3.1, selected at 90% test accuracy)
 EMBEDDING_SETTINGS = {"onehot": (0.2, 0.01, 5.0), "binary": (0.3, 0.01, 1.0), "fourier": (0.5, 0.1, 0.1),
@@ -103,7 +105,7 @@ class Config:
     eval_every: int = 10  # evaluate every N epochs: also the resolution of Time Gap
     stop_at: float | None = None  # target phases stop once test acc reaches this (paper: train all epochs)
     precision: str = "float32"  # float32 (the paper's), tf32 (TF32 matmuls on CUDA), bf16 (autocast)
-    # --- grid search (appendix A.3, DESIGN.md): --grid trains every (init scale, lr, wd) below for one
+    # --- grid search (appendix A.3): --grid trains every (init scale, lr, wd) below for one
     # target phase and picks the point that first reaches grid_stop_at test accuracy
     grid: bool = False  # run the grid instead of the phases; writes grid.csv, grid.json, grid.png
     grid_phase: str = "groktransfer"  # groktransfer (trains the weak model first, or --weak_embedding) or scratch
@@ -146,6 +148,7 @@ def check_task(op: str, p: int, train_frac: float):
     """The task's own constraints (also used by exp_transformer.py)."""
     if p < 2:
         raise ConfigError(f"p must be >= 2, got {p}")
+    common.check_memory(p * p * 100, f"p = {p} ({p * p:.3g} pairs)")  # tokens, labels, split: ~100 bytes a pair
     if op == "div" and any(p % q == 0 for q in range(2, int(p ** 0.5) + 1)):
         raise ConfigError(f"op 'div' needs a prime p (every b != 0 invertible), got p = {p}")
     if not 0 < train_frac < 1:
@@ -163,16 +166,11 @@ def check(cfg: Config):
     phases = common.phase_list(cfg.phases, PHASES)
     if "groktransfer" in phases and "weak" not in phases and not cfg.weak_embedding:
         raise ConfigError("phase 'groktransfer' needs the 'weak' phase or --weak_embedding PATH")
-    for key in ("weak_lr", "gt_lr", "scratch_lr", "weak_init_scale", "gt_init_scale", "scratch_init_scale"):
-        v = getattr(cfg, key)
-        if v is not None and v <= 0:
-            raise ConfigError(f"{key} must be positive, got {v}")
     if cfg.ckpt_every < 0:
         raise ConfigError(f"ckpt_every must be >= 0, got {cfg.ckpt_every}")
     common.require(cfg, positive=("track_every", "probe_size", "text_dim", "merge_at", "oinfo_width", "oinfo_lr"))
-    bad = [t for t in cfg.track if t not in common.TRACKABLE]
-    if bad:
-        raise ConfigError(f"track must be a subset of {', '.join(common.TRACKABLE)}; got {','.join(cfg.track)}")
+    if any(t not in TRACKABLE for t in cfg.track):
+        raise ConfigError(f"track must be a subset of {', '.join(TRACKABLE)}; got {','.join(cfg.track)}")
     if cfg.track and cfg.track_every % cfg.eval_every:
         raise ConfigError(f"track_every ({cfg.track_every}) must be a multiple of eval_every ({cfg.eval_every})")
     if "oinfo" in cfg.track and cfg.study not in ("none", "oinfo"):
@@ -201,27 +199,6 @@ def resolve(cfg: Config) -> Config:
             if getattr(cfg, f"{phase}_{key}") is None:
                 fill[f"{phase}_{key}"] = value
     return dataclasses.replace(cfg, **fill)
-
-
-def load_weak_embedding(path: str, p: int, seeds: int = 1) -> torch.Tensor:
-    """A saved weak embedding: embedding.pt (a dict with 'embedding') or a bare tensor, (p, d) for any
-    number of seeds (every member gets it) or (seeds, p, d) (one per member)."""
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise ConfigError(f"weak_embedding file not found: {path}") from None
-    except Exception as e:  # not a torch file, or unpickling refused
-        raise ConfigError(f"weak_embedding {path} is not a saved tensor ({type(e).__name__})") from None
-    emb = obj.get("embedding") if isinstance(obj, dict) else obj
-    if not isinstance(emb, torch.Tensor) or emb.dim() not in (2, 3) or not emb.is_floating_point():
-        raise ConfigError(f"weak_embedding {path} must hold a float tensor of shape (p, d) or (seeds, p, d)")
-    if emb.dim() == 3 and emb.shape[0] != seeds:
-        raise ConfigError(f"weak_embedding {path} holds {emb.shape[0]} seeds' embeddings but seeds = {seeds}")
-    if emb.shape[-2] != p:
-        raise ConfigError(f"weak_embedding {path} has vocabulary size {emb.shape[-2]} but p = {p}")
-    if not torch.isfinite(emb).all():
-        raise ConfigError(f"weak_embedding {path} contains NaN/inf")
-    return emb.float()
 
 
 # =============================================================================
@@ -258,8 +235,113 @@ def target_model(cfg, seeds, init_scale, device, weak=None):
                             init_scale, seeds, weak=weak).to(device)
 
 
+
+def transfer(weak_model) -> torch.Tensor:
+    """GrokTransfer's step: the weak model's embedding (K, p, d_W), to become A in the target's A @ B."""
+    return weak_model.embed.weight.detach().cpu()
+
+
+def main(argv=None):
+    cfg = resolve(common.config_or_exit(Config(), argv, {"op": OPS, "grid_phase": common.GRID_PHASES,
+                                                         "precision": common.PRECISIONS, "study": STUDIES}, check))
+    if cfg.merge:  # combine shard outputs; nothing is trained
+        return common.merge_main(cfg, "modular", title=lambda meta: f"{meta['op']} mod {meta['p']}")
+    try:
+        weak_loaded = common.load_weak_embedding(cfg.weak_embedding, cfg.p, cfg.seeds) if cfg.weak_embedding else None
+        run = common.open_run(cfg, "modular")
+    except ConfigError as e:
+        common.fail(str(e))
+    device = common.pick_device(cfg.device)
+    common.set_seed(cfg.seed, cfg.deterministic)
+    phases = common.phase_list(cfg.phases, PHASES)
+    if cfg.grid:  # the weak phase only when the grid is over GrokTransfer targets and no embedding was given
+        phases = ["weak"] if cfg.grid_phase == "groktransfer" and weak_loaded is None else []
+    if cfg.study != "none":  # a study runs its own phases; the two built on a weak model start with it
+        phases = ["weak"] if cfg.study in ("weak_embedding_view", "low_rank") and weak_loaded is None else []
+    print(f"run directory {run}  device {device}  {cfg.op} mod {cfg.p}  "
+          + (f"grid over {cfg.grid_phase}" if cfg.grid else f"study {cfg.study}" if cfg.study != "none"
+             else f"phases {', '.join(phases)}"))
+
+    data = make_data(cfg.op, cfg.p, cfg.train_frac, cfg.data_seed, device)
+    seeds = [cfg.seed + i for i in range(cfg.seeds)]  # one member per seed
+    opt = dict(betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, eval_every=cfg.eval_every, quiet=cfg.quiet,
+               precision=cfg.precision)
+    record = common.RunRecord(run, cfg, dict(device=common.device_name(device), op=cfg.op, p=cfg.p,
+                                              n_train=len(data["y_train"]), n_test=len(data["y_test"])),
+                              title=f"{cfg.op} mod {cfg.p}")
+
+    studies = dict(embeddings=study_embeddings, ntk=study_embeddings, weak_epochs=study_weak_epochs, oinfo=study_oinfo)
+    if cfg.study in studies:
+        return finish_study(run, record, studies[cfg.study](cfg, run, data, device, seeds, record, opt))
+
+    # 1. weak model: train it; its embedding (at the end, or when test acc first reaches transfer_at) is A
+    weak = weak_loaded
+    if "weak" in phases:
+        model = weak_model(cfg, seeds, device)
+        hist = common.train(model, data, epochs=cfg.weak_epochs, lr=cfg.weak_lr, wd=cfg.weak_wd,
+                            stop_at=cfg.transfer_at, desc="weak", ckpt=record.checkpoint("weak"),
+                            tracker=tracker(cfg, model, data), **opt)
+        weak = record.weak_done(hist, model, transfer(model), cfg.transfer_at, op=cfg.op, p=cfg.p)  # (p, d_W)
+    elif weak is not None:
+        record.summary["weak_embedding"] = cfg.weak_embedding
+    if cfg.study == "weak_embedding_view":
+        return finish_study(run, record, study_weak_embedding_view(cfg, run, weak, record))
+    if cfg.study == "low_rank":
+        return finish_study(run, record, study_low_rank(cfg, run, data, device, seeds, weak, record, opt))
+
+    # 2. target via GrokTransfer: E = A @ B, A = weak embedding, B random; both trainable
+    if "groktransfer" in phases:
+        model = target_model(cfg, seeds, cfg.gt_init_scale, device, weak=weak)
+        hist = common.train(model, data, epochs=cfg.epochs, lr=cfg.gt_lr, wd=cfg.gt_wd, stop_at=cfg.stop_at,
+                            desc="groktransfer", ckpt=record.checkpoint("groktransfer"),
+                            tracker=tracker(cfg, model, data), **opt)
+        record.phase_done("groktransfer", hist, model)
+
+    # 3. the same target from scratch (plain embedding)
+    if "scratch" in phases:
+        model = target_model(cfg, seeds, cfg.scratch_init_scale, device)
+        hist = common.train(model, data, epochs=cfg.epochs, lr=cfg.scratch_lr, wd=cfg.scratch_wd, stop_at=cfg.stop_at,
+                            desc="scratch", ckpt=record.checkpoint("scratch"), tracker=tracker(cfg, model, data), **opt)
+        record.phase_done("scratch", hist, model)
+
+    if cfg.grid:
+        return grid_search(cfg, run, data, device, weak)
+
+    record.save_models()
+    png = common.plot_dynamics(run, title=f"a {'+-*/'[OPS.index(cfg.op)]} b mod {cfg.p}")
+    if cfg.track:
+        print(f"wrote {common.plot_progress(run, title=f'{cfg.op} mod {cfg.p}: progress measures')}")
+    print(f"wrote {run / 'summary.json'} and {png}")
+    return run
+
+
+def finish_study(run, record, pngs):
+    record.save_models()
+    print(f"wrote {run / 'summary.json'} and {', '.join(str(p) for p in pngs)}")
+    return run
+
+
+def grid_search(cfg, run, data, device, weak=None):
+    """--grid: the target phase cfg.grid_phase over the grid of the config's lists (common.grid_main)."""
+    meta = dict(experiment="modular", op=cfg.op, p=cfg.p, train_frac=cfg.train_frac, data_seed=cfg.data_seed,
+                d_embed=cfg.d_embed, width=cfg.width,
+                weak=cfg.weak_embedding or (dict(d_embed=cfg.weak_d_embed, width=cfg.weak_width,
+                                                 epochs=cfg.weak_epochs, transfer_at=cfg.transfer_at,
+                                                 init_scale=cfg.weak_init_scale, lr=cfg.weak_lr, wd=cfg.weak_wd)
+                                            if cfg.grid_phase == "groktransfer" else None))
+
+    def build(init_scales):
+        return target_model(cfg, [cfg.seed] * len(init_scales), init_scales, device,
+                            weak=weak if cfg.grid_phase == "groktransfer" else None)
+
+    default = SETTINGS.get(cfg.op, SETTINGS["add"])["gt" if cfg.grid_phase == "groktransfer" else "scratch"]
+    return common.grid_main(cfg, run, data, build, meta, default=default, title=f"{cfg.op} mod {cfg.p}")
+
+
+
 # =============================================================================
-# Studies (--study NAME): Fig 2, 3, 7, 12, 15 and Clauw et al.'s O-information setting
+# Studies (--study NAME): Fig 2, 3, 7, 12, 15 and Clauw et al.'s O-information setting. Not part of the
+# default run; each is called from main.
 
 
 def fixed_embedding(kind: str, p: int, text_dim: int = 128) -> torch.Tensor:
@@ -308,7 +390,9 @@ def tracker(cfg, model, data, names=None):
     if not names:
         return None
     n = min(cfg.probe_size, len(data["y_train"]))
-    return common.Tracker(model, data["x_train"][:n], data["y_train"][:n], names, cfg.track_every, cfg.p, cfg.oinfo_bins)
+    hidden = functools.partial(oinfo_measures, n_bins=cfg.oinfo_bins) if "oinfo" in names else None
+    return common.Tracker(model, data["x_train"][:n], data["y_train"][:n], [t for t in names if t != "oinfo"],
+                          cfg.track_every, cfg.p, hidden)
 
 
 def study_embeddings(cfg, run, data, device, seeds, record, opt):
@@ -327,7 +411,8 @@ def study_embeddings(cfg, run, data, device, seeds, record, opt):
         hist = common.train(model, data, epochs=cfg.epochs, lr=lr, wd=wd, stop_at=cfg.stop_at, desc=kind,
                             ckpt=record.checkpoint(kind), tracker=tracker(cfg, model, data, names), **opt)
         rows[kind] = dict(d=table.shape[1], init_scale=init, lr=lr, wd=wd,
-                          first_epoch_test_90=common.first_epoch(hist["epochs"], hist["metrics"][:, 0, 3], 0.9))
+                          first_epoch_test_90=common.first_epoch(hist["epochs"], hist["metrics"][:, 0, common.TEST_ACC],
+                                                                 0.9))
         record.phase_done(kind, hist, model, rows[kind])
     record.summary["study"] = dict(name=cfg.study, embeddings=rows, skipped=skipped)
     common.save_json(record.summary, run / "summary.json")
@@ -341,9 +426,7 @@ def study_embeddings(cfg, run, data, device, seeds, record, opt):
 
 def plot_ntk(run, out):
     """Fig 3: ||Theta_t - Theta_0||_F / ||Theta_0||_F against epoch, one line per embedding."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = common.pyplot()
     prog = common.read_progress(run / "progress.csv")
     fig, ax = plt.subplots(figsize=(5, 3.6))
     for phase, measures in prog.items():
@@ -388,7 +471,7 @@ def study_weak_epochs(cfg, run, data, device, seeds, record, opt):
         keep.tables = torch.load(path)
     record.phase_done("weak", hist, model)
     epochs = list(hist["epochs"])
-    weak_acc = [float(hist["metrics"][epochs.index(e), 0, 3]) for e in snaps]
+    weak_acc = [float(hist["metrics"][epochs.index(e), 0, common.TEST_ACC]) for e in snaps]
     A = torch.stack([keep.tables[e] for e in snaps])  # (S, p, d_W)
     model = target_model(cfg, [cfg.seed] * len(snaps), cfg.gt_init_scale, device, weak=A)
     hist = common.train(model, data, epochs=cfg.epochs, lr=cfg.gt_lr, wd=cfg.gt_wd, desc="targets",
@@ -405,9 +488,7 @@ def study_weak_epochs(cfg, run, data, device, seeds, record, opt):
 def plot_weak_epochs(rows: list[dict], out, title: str = ""):
     """Fig 7: 1/TimeGap and the target's final test accuracy against the weak model's test accuracy
     at transfer, points in order of that accuracy, labelled by the weak epoch."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = common.pyplot()
     rows = sorted(rows, key=lambda r: r["weak_test_acc"])
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
     x = [r["weak_test_acc"] for r in rows]
@@ -426,11 +507,9 @@ def plot_weak_epochs(rows: list[dict], out, title: str = ""):
 
 def study_weak_embedding_view(cfg, run, weak, record):
     """Fig 12: the weak p x d_W embedding on its first two principal components, labelled by integer."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = common.pyplot()
     E = weak if weak.dim() == 2 else weak[0]
-    coords, explained = common.pca_2d(E)
+    coords, explained = pca_2d(E)
     fig, ax = plt.subplots(figsize=(5.5, 5.5))
     ax.scatter(coords[:, 0], coords[:, 1], c=np.arange(len(coords)), cmap="hsv", s=14)
     for a, (x, y) in enumerate(coords):
@@ -469,24 +548,21 @@ def study_low_rank(cfg, run, data, device, seeds, weak, record, opt):
         for a, b in zip(merged.layers, model.layers):
             a.copy_(b)
     second = target("merged", merged, epochs=cfg.epochs - cfg.merge_at, ckpt="merged_after")
-    record.phase_done("merged", common.join_histories(first, second), merged, dict(merge_at=cfg.merge_at))
+    record.phase_done("merged", join_histories(first, second), merged, dict(merge_at=cfg.merge_at))
     # (c) a weak model with the target's d_embed, then GrokTransfer from it
     wide = dataclasses.replace(cfg, weak_d_embed=cfg.d_embed)
     model = weak_model(wide, seeds, device)
     hist = common.train(model, data, epochs=cfg.weak_epochs, lr=cfg.weak_lr, wd=cfg.weak_wd, stop_at=cfg.transfer_at,
                         desc="weak_full_rank", ckpt=record.checkpoint("weak_full_rank"), **opt)
     record.phase_done("weak_full_rank", hist, model)
-    A = model.embed.weight.detach().cpu()
-    model = target_model(cfg, seeds, cfg.gt_init_scale, device, weak=A)
+    model = target_model(cfg, seeds, cfg.gt_init_scale, device, weak=transfer(model))
     record.phase_done("full_rank", target("full_rank", model), model)
 
     phases = common.read_metrics(run / "metrics.csv")
     record.summary["study"] = dict(name="low_rank", time_gap={k: record.summary["phases"][k].get("time_gap")
                                                                for k in ("groktransfer", "random_ab", "merged", "full_rank")})
     common.save_json(record.summary, run / "summary.json")
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = common.pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), sharey=True)
     panels = [("random_ab", "(a) A, B both random"), ("merged", f"(b) A @ B merged at epoch {cfg.merge_at}"),
               ("full_rank", f"(c) weak d_embed = {cfg.d_embed}")]
@@ -494,8 +570,8 @@ def study_low_rank(cfg, run, data, device, seeds, weak, record, opt):
         for name, color in (("groktransfer", "gray"), (phase, "tab:purple")):
             ep, m = phases[name]["epochs"], phases[name]["metrics"]
             keep = ep > 0
-            ax.plot(ep[keep], m[keep, :, 1].mean(1), color=color, ls="--", lw=1)
-            ax.plot(ep[keep], m[keep, :, 3].mean(1), color=color, lw=1.5,
+            ax.plot(ep[keep], m[keep, :, common.TRAIN_ACC].mean(1), color=color, ls="--", lw=1)
+            ax.plot(ep[keep], m[keep, :, common.TEST_ACC].mean(1), color=color, lw=1.5,
                     label=f"{'GrokTransfer' if name == 'groktransfer' else label[:3]} (test solid, train dashed)")
         if phase == "merged":
             ax.axvline(cfg.merge_at, color="k", ls=":", lw=1)
@@ -543,105 +619,103 @@ def study_oinfo(cfg, run, data, device, seeds, record, opt):
     title = f"a + b mod {cfg.p}, {cfg.train_frac:.0%} train, FNN width {cfg.oinfo_width}: O-information (Clauw et al.)"
     return [common.plot_progress(run, run / "oinfo.png", title=title), common.plot_dynamics(run)]
 
-# =============================================================================
+def copula_normalize(z: np.ndarray, seed: int = 0) -> np.ndarray:
+    """Gaussian-copula transform (Ince et al. 2017) of each column of z (s, m): ranks -> standard
+    normal quantiles. Exact ties (a dead ReLU unit is constant) are ordered by a fixed-seed random key,
+    so a constant column becomes noise independent of the rest; distinct values keep their order."""
+    from statistics import NormalDist
+    s, m = z.shape
+    tiebreak = np.random.default_rng(seed).random(z.shape)
+    ranks = np.empty((s, m))
+    for j in range(m):
+        ranks[np.lexsort((tiebreak[:, j], z[:, j])), j] = np.arange(s)  # 0..s-1
+    inv = np.vectorize(NormalDist().inv_cdf)
+    return inv((ranks + 1.0) / (s + 1.0))
 
 
-def grid_search(cfg, run, data, device, weak=None):
-    """--grid: the target phase cfg.grid_phase over the grid of the config's lists (common.grid_main)."""
-    meta = dict(experiment="modular", op=cfg.op, p=cfg.p, train_frac=cfg.train_frac, data_seed=cfg.data_seed,
-                d_embed=cfg.d_embed, width=cfg.width,
-                weak=cfg.weak_embedding or (dict(d_embed=cfg.weak_d_embed, width=cfg.weak_width,
-                                                 epochs=cfg.weak_epochs, transfer_at=cfg.transfer_at,
-                                                 init_scale=cfg.weak_init_scale, lr=cfg.weak_lr, wd=cfg.weak_wd)
-                                            if cfg.grid_phase == "groktransfer" else None))
-
-    def build(init_scales):
-        return target_model(cfg, [cfg.seed] * len(init_scales), init_scales, device,
-                            weak=weak if cfg.grid_phase == "groktransfer" else None)
-
-    default = SETTINGS.get(cfg.op, SETTINGS["add"])["gt" if cfg.grid_phase == "groktransfer" else "scratch"]
-    return common.grid_main(cfg, run, data, build, meta, default=default, title=f"{cfg.op} mod {cfg.p}")
+def gaussian_entropy(cov: np.ndarray) -> float:
+    """Differential entropy in bits of a Gaussian with covariance cov (d, d): (d log(2 pi e) + log det) / 2
+    in nats, over ln 2 (bits, the unit of Clauw et al. and of the hoi library)."""
+    d = cov.shape[0]
+    return 0.5 * (d * math.log(2 * math.pi * math.e) + np.linalg.slogdet(cov)[1]) / math.log(2)
 
 
-def main(argv=None):
-    cfg = resolve(common.config_or_exit(Config(), argv, {"op": OPS, "grid_phase": common.GRID_PHASES,
-                                                         "precision": common.PRECISIONS, "study": STUDIES}, check))
-    if cfg.merge:  # combine shard outputs; nothing is trained
-        return common.merge_main(cfg, "modular", title=lambda meta: f"{meta['op']} mod {meta['p']}")
-    try:
-        weak_loaded = load_weak_embedding(cfg.weak_embedding, cfg.p, cfg.seeds) if cfg.weak_embedding else None
-        run = common.open_run(cfg, "modular")
-    except ConfigError as e:
-        common.fail(str(e))
-    device = common.pick_device(cfg.device)
-    common.set_seed(cfg.seed, cfg.deterministic)
-    phases = common.phase_list(cfg.phases, PHASES)
-    if cfg.grid:  # the weak phase only when the grid is over GrokTransfer targets and no embedding was given
-        phases = ["weak"] if cfg.grid_phase == "groktransfer" and weak_loaded is None else []
-    if cfg.study != "none":  # a study runs its own phases; the two built on a weak model start with it
-        phases = ["weak"] if cfg.study in ("weak_embedding_view", "low_rank") and weak_loaded is None else []
-    print(f"run directory {run}  device {device}  {cfg.op} mod {cfg.p}  "
-          + (f"grid over {cfg.grid_phase}" if cfg.grid else f"study {cfg.study}" if cfg.study != "none"
-             else f"phases {', '.join(phases)}"))
-
-    data = make_data(cfg.op, cfg.p, cfg.train_frac, cfg.data_seed, device)
-    seeds = [cfg.seed + i for i in range(cfg.seeds)]  # one member per seed
-    opt = dict(betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, eval_every=cfg.eval_every, quiet=cfg.quiet,
-               precision=cfg.precision)
-    record = common.RunRecord(run, dict(device=common.device_name(device), op=cfg.op, p=cfg.p,
-                                         n_train=len(data["y_train"]), n_test=len(data["y_test"])),
-                              title=f"{cfg.op} mod {cfg.p}", ckpt_every=cfg.ckpt_every, resume=cfg.resume)
-
-    studies = dict(embeddings=study_embeddings, ntk=study_embeddings, weak_epochs=study_weak_epochs, oinfo=study_oinfo)
-    if cfg.study in studies:
-        return finish_study(run, record, studies[cfg.study](cfg, run, data, device, seeds, record, opt))
-
-    # 1. weak model: train, then take its embedding (at the end, or when test acc first reaches transfer_at)
-    weak = weak_loaded
-    if "weak" in phases:
-        model = weak_model(cfg, seeds, device)
-        hist = common.train(model, data, epochs=cfg.weak_epochs, lr=cfg.weak_lr, wd=cfg.weak_wd,
-                            stop_at=cfg.transfer_at, desc="weak", ckpt=record.checkpoint("weak"),
-                            tracker=tracker(cfg, model, data), **opt)
-        weak = common.weak_phase_done(record, hist, model, model.embed.weight.detach().cpu(), cfg.transfer_at,
-                                      op=cfg.op, p=cfg.p)  # (p, d_W), or (K, p, d_W) with --seeds
-    elif weak is not None:
-        record.summary["weak_embedding"] = cfg.weak_embedding
-    if cfg.study == "weak_embedding_view":
-        return finish_study(run, record, study_weak_embedding_view(cfg, run, weak, record))
-    if cfg.study == "low_rank":
-        return finish_study(run, record, study_low_rank(cfg, run, data, device, seeds, weak, record, opt))
-
-    # 2. target via GrokTransfer: E = A @ B, A = weak embedding, B random; both trainable
-    if "groktransfer" in phases:
-        model = target_model(cfg, seeds, cfg.gt_init_scale, device, weak=weak)
-        hist = common.train(model, data, epochs=cfg.epochs, lr=cfg.gt_lr, wd=cfg.gt_wd, stop_at=cfg.stop_at,
-                            desc="groktransfer", ckpt=record.checkpoint("groktransfer"),
-                            tracker=tracker(cfg, model, data), **opt)
-        record.phase_done("groktransfer", hist, model)
-
-    # 3. the same target from scratch (plain embedding)
-    if "scratch" in phases:
-        model = target_model(cfg, seeds, cfg.scratch_init_scale, device)
-        hist = common.train(model, data, epochs=cfg.epochs, lr=cfg.scratch_lr, wd=cfg.scratch_wd, stop_at=cfg.stop_at,
-                            desc="scratch", ckpt=record.checkpoint("scratch"), tracker=tracker(cfg, model, data), **opt)
-        record.phase_done("scratch", hist, model)
-
-    if cfg.grid:
-        return grid_search(cfg, run, data, device, weak)
-
-    record.save_models()
-    png = common.plot_dynamics(run, title=f"a {'+-*/'[OPS.index(cfg.op)]} b mod {cfg.p}")
-    if cfg.track:
-        print(f"wrote {common.plot_progress(run, title=f'{cfg.op} mod {cfg.p}: progress measures')}")
-    print(f"wrote {run / 'summary.json'} and {png}")
-    return run
+def o_information(cov: np.ndarray) -> float:
+    """O-information (Rosas et al. 2019) of jointly Gaussian variables with covariance cov (n, n):
+    Omega = (n - 2) H(X) + sum_j [H(X_j) - H(X without j)]; > 0 redundancy-, < 0 synergy-dominated."""
+    n = cov.shape[0]
+    total = (n - 2) * gaussian_entropy(cov)
+    for j in range(n):
+        rest = [i for i in range(n) if i != j]
+        total += gaussian_entropy(cov[j:j + 1, j:j + 1]) - gaussian_entropy(cov[np.ix_(rest, rest)])
+    return float(total)
 
 
-def finish_study(run, record, pngs):
-    record.save_models()
-    print(f"wrote {run / 'summary.json'} and {', '.join(str(p) for p in pngs)}")
-    return run
+def multiplet_extremes(cov: np.ndarray, sizes=range(3, 11)) -> dict:
+    """O-information of every multiplet (subset of the variables) of the given sizes; the most
+    synergistic (minimum) and most redundant (maximum) values and their sizes (the smallest multiplet
+    among those within 1e-9 of the extreme: adding an independent variable leaves Omega unchanged)."""
+    n = cov.shape[0]
+    best = dict(synergy=math.inf, redundancy=-math.inf, synergy_size=0, redundancy_size=0)
+    for size in sizes:
+        if size > n:
+            break
+        for subset in itertools.combinations(range(n), size):
+            omega = o_information(cov[np.ix_(subset, subset)])
+            if omega < best["synergy"] - 1e-9:  # a tie (e.g. an independent variable added) keeps the smaller multiplet
+                best["synergy"], best["synergy_size"] = omega, size
+            if omega > best["redundancy"] + 1e-9:
+                best["redundancy"], best["redundancy_size"] = omega, size
+    return best
+
+
+def neuron_bins(h: np.ndarray, n_bins: int = 10) -> np.ndarray:
+    """Clauw et al.'s reduction: the neurons' feature vectors (columns of h, (s, n)) grouped into n_bins by
+    scikit-learn's AgglomerativeClustering (its default: Ward linkage, Euclidean); each bin's variable
+    is the mean activation of its neurons (the paper does not say how a bin becomes one variable).
+    Returns (s, n_bins)."""
+    from sklearn.cluster import AgglomerativeClustering
+    labels = AgglomerativeClustering(n_clusters=n_bins).fit_predict(h.T)
+    return np.stack([h[:, labels == b].mean(1) for b in range(n_bins)], 1)
+
+
+def oinfo_measures(h: np.ndarray, n_bins: int = 10) -> dict:
+    """Hidden activations h (s, n) on the probe set -> synergy (min O-information over multiplets of 3
+    to n_bins bins), redundancy (max) and the size of the most synergistic multiplet."""
+    z = copula_normalize(neuron_bins(h, n_bins))
+    best = multiplet_extremes(np.cov(z, rowvar=False), range(3, n_bins + 1))
+    return dict(synergy=best["synergy"], redundancy=best["redundancy"], synergy_size=float(best["synergy_size"]))
+
+
+
+
+def pca_2d(E: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of E (V, d) projected on their first two principal components: coords (V, 2) and the
+    fraction of variance each explains (2,)."""
+    X = E.detach().double().cpu()
+    X = X - X.mean(0)
+    U, S, _ = torch.linalg.svd(X, full_matrices=False)
+    coords = (U[:, :2] * S[:2]).numpy()
+    if coords.shape[1] < 2:  # a 1-dim embedding: the second axis is empty
+        coords = np.concatenate([coords, np.zeros((len(coords), 2 - coords.shape[1]))], 1)
+    var = (S ** 2).numpy()
+    explained = np.zeros(2)
+    explained[:min(2, len(var))] = var[:2] / var.sum()
+    return coords, explained
+
+
+def join_histories(first: dict, second: dict) -> dict:
+    """One history from two consecutive train() calls (the second started where the first ended):
+    the second's epochs shifted by the first's epochs_run, its epoch-0 row dropped."""
+    off, keep = first["epochs_run"], second["epochs"] > 0
+    shift = lambda e: np.where(e >= 0, e + off, e)  # -1 (never) stays -1
+    return dict(epochs=np.concatenate([first["epochs"], second["epochs"][keep] + off]),
+                metrics=np.concatenate([first["metrics"], second["metrics"][keep]]),
+                stop_epoch=np.where(first["stop_epoch"] >= 0, first["stop_epoch"], shift(second["stop_epoch"])),
+                failed_epoch=np.where(first["failed_epoch"] >= 0, first["failed_epoch"], shift(second["failed_epoch"])),
+                epochs_run=off + second["epochs_run"], wall_s=first["wall_s"] + second["wall_s"],
+                compute_s=np.concatenate([first["compute_s"], second["compute_s"][keep] + first["compute_s"][-1]]),
+                eval_s=first["eval_s"] + second["eval_s"], diverged=second["diverged"])
 
 
 if __name__ == "__main__":

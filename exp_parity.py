@@ -68,7 +68,7 @@ class Config:
     eval_every: int = 10  # evaluate every N epochs: the resolution of Time Gap
     stop_at: float | None = None  # target phases stop once test acc reaches this (paper: train all epochs)
     precision: str = "float32"  # float32, tf32 (CUDA matmuls), bf16 (autocast)
-    # --- grid search (as exp_modular.py; README "Many runs at once")
+    # --- grid search (appendix A.3; README "Many runs at once")
     grid: bool = False
     grid_phase: str = "groktransfer"
     grid_init_scales: list[float] = field(default_factory=lambda: list(common.PAPER_GRID["init_scales"]))
@@ -93,8 +93,7 @@ class Config:
 
 def check(cfg: Config):
     common.require(cfg, positive=("q", "k", "n", "n_test", "weak_width", "weak_epochs", "d_embed", "width", "epochs",
-                                  "eval_every", "seeds", "weak_init_scale", "weak_lr", "gt_init_scale", "gt_lr",
-                                  "scratch_init_scale", "scratch_lr"), fractions=("transfer_at", "stop_at"))
+                                  "eval_every", "seeds"), fractions=("transfer_at", "stop_at"))
     if cfg.k > cfg.q:
         raise ConfigError(f"k must be <= q, got k = {cfg.k}, q = {cfg.q}")
     if cfg.support:
@@ -131,6 +130,11 @@ def target_model(cfg, seeds, init_scale, device, weak=None):
     return common.dense_mlp(cfg.q, cfg.d_embed, [cfg.width, cfg.width], 1, init_scale, seeds, weak=weak).to(device)
 
 
+def transfer(weak_model) -> torch.Tensor:
+    """GrokTransfer's step: the weak model's first layer (K, q, 16), to become A in the target's x A B."""
+    return weak_model.layers[0].detach().cpu()
+
+
 LOSS = dict(loss_fn=common.logistic_loss, acc_fn=common.sign_accuracy)
 
 
@@ -158,9 +162,8 @@ def main(argv=None):
     seeds = [cfg.seed + i for i in range(cfg.seeds)]
     opt = dict(betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, eval_every=cfg.eval_every, quiet=cfg.quiet,
                precision=cfg.precision, **LOSS)
-    record = common.RunRecord(run, dict(device=common.device_name(device), q=cfg.q, k=cfg.k, support=support,
-                                         n_train=cfg.n, n_test=cfg.n_test), title=f"({cfg.q}, {cfg.k})-parity",
-                              ckpt_every=cfg.ckpt_every, resume=cfg.resume)
+    record = common.RunRecord(run, cfg, dict(device=common.device_name(device), q=cfg.q, k=cfg.k, support=support,
+                                              n_train=cfg.n, n_test=cfg.n_test), title=f"({cfg.q}, {cfg.k})-parity")
 
     # 1. weak model, stopped when its test accuracy first reaches transfer_at; its first layer is A
     weak = None
@@ -168,7 +171,7 @@ def main(argv=None):
         model = weak_model(cfg, seeds, device)
         hist = common.train(model, data, epochs=cfg.weak_epochs, lr=cfg.weak_lr, wd=cfg.weak_wd,
                             stop_at=cfg.transfer_at, desc="weak", ckpt=record.checkpoint("weak"), **opt)
-        weak = common.weak_phase_done(record, hist, model, model.layers[0].detach().cpu(), cfg.transfer_at)  # A: q x 16
+        weak = record.weak_done(hist, model, transfer(model), cfg.transfer_at)  # A: q x 16
 
     if cfg.grid:
         meta = dict(experiment="parity", q=cfg.q, k=cfg.k, support=support, n=cfg.n, n_test=cfg.n_test,

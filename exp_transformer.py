@@ -33,20 +33,22 @@ import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 import common
-import exp_modular
-import exp_parity
 from common import ConfigError
 
-OPS = (*exp_modular.OPS, "parity")
+OPS = ("add", "sub", "mul", "div", "parity")
 PHASES = ("weak", "groktransfer", "scratch", "grokfast")
 
 # (init scale, lr, wd) of each target phase when the config leaves them as none.
 # modular: appendix A.3.3, Fig 6(a) (8 layers): GT (0.7, 1e-3, 1), scratch (0.4, 5e-4, 1); GrokFast
 #   (Fig 8) states (lr, wd) = (0.01, 1) and no init scale: ours 1.0, PyTorch's default init, as in Lee
 #   et al.'s code. configs/transformer/fig8_*.yaml set Fig 6(b)'s 2-layer GT (0.6, 5e-3, 0.1).
-# parity: not stated in the paper (Fig 13 right names only the depths). Ours: see README, "Transformer".
+# parity: not stated in the paper (Fig 13 right names only the depths). Ours: see RESULTS.md, "Transformer".
+# weak: the two-layer FNN of exp_modular.py, with its (init, lr, wd) per op (ours; the paper does not state
+#   them): add (0.5, 1e-2, 0.3), mul (1.0, 1e-2, 1.0); sub and div take add's.
+WEAK_SETTINGS = {"add": (0.5, 1e-2, 0.3), "mul": (1.0, 1e-2, 1.0)}
 SETTINGS = {
     "modular": dict(gt=(0.7, 1e-3, 1.0), scratch=(0.4, 5e-4, 1.0), grokfast=(1.0, 1e-2, 1.0)),
     "parity": dict(gt=(1.0, 1e-3, 1.0), scratch=(1.0, 1e-3, 1.0), grokfast=(1.0, 1e-3, 1.0)),
@@ -69,9 +71,9 @@ class Config:
     weak_width: int = 16
     weak_epochs: int = 10_000  # at most: the phase stops at transfer_at
     transfer_at: float = 0.3  # "we extract the embeddings ... at the point that it first reaches 30% test accuracy"
-    weak_init_scale: float | None = None  # none: exp_modular.SETTINGS for this op (ours; the paper's are not stated)
-    weak_lr: float | None = None
-    weak_wd: float | None = None
+    weak_init_scale: float | None = None  # none: WEAK_SETTINGS for this op (ours; the paper's are not stated)
+    weak_lr: float | None = None  # none: WEAK_SETTINGS (1e-2)
+    weak_wd: float | None = None  # none: WEAK_SETTINGS (add 0.3, mul 1.0)
     weak_embedding: str = ""  # a saved embedding.pt (e.g. from exp_modular.py): skip the weak phase
     # --- target transformer (appendix A.3.3, Fig 6(a)): 8 layers, d_embed 512, d_mlp 512, 4 heads of 128
     n_layers: int = 8
@@ -129,16 +131,9 @@ def check(cfg: Config):
         if set(phases) & {"weak", "groktransfer"}:
             raise ConfigError("op 'parity' runs the phases scratch and grokfast only (no token embedding to transfer)")
     else:
-        exp_modular.check_task(cfg.op, cfg.p, cfg.train_frac)
+        check_task(cfg.op, cfg.p, cfg.train_frac)
         if "groktransfer" in phases and "weak" not in phases and not cfg.weak_embedding:
             raise ConfigError("phase 'groktransfer' needs the 'weak' phase or --weak_embedding PATH")
-    for key in ("weak_lr", "gt_lr", "scratch_lr", "grokfast_lr", "weak_init_scale", "gt_init_scale",
-                "scratch_init_scale", "grokfast_init_scale"):
-        v = getattr(cfg, key)
-        if v is not None and v <= 0:
-            raise ConfigError(f"{key} must be positive, got {v}")
-    if cfg.grokfast_beta2 is not None and not 0 <= cfg.grokfast_beta2 < 1:
-        raise ConfigError(f"grokfast_beta2 must be in [0, 1), got {cfg.grokfast_beta2}")
     if not 0 <= cfg.grokfast_alpha < 1 or cfg.grokfast_lamb < 0:
         raise ConfigError(f"grokfast_alpha must be in [0, 1) and grokfast_lamb >= 0; got {cfg.grokfast_alpha}, "
                           f"{cfg.grokfast_lamb}")
@@ -153,10 +148,10 @@ def check(cfg: Config):
 
 
 def resolve(cfg: Config) -> Config:
-    """Fill the (init, lr, wd) left as none: targets from SETTINGS, the weak model from exp_modular's."""
+    """Fill the (init, lr, wd) left as none: targets from SETTINGS, the weak model from WEAK_SETTINGS."""
     fill = {}
     table = dict(SETTINGS["parity" if cfg.op == "parity" else "modular"],
-                 weak=exp_modular.SETTINGS.get(cfg.op, exp_modular.SETTINGS["add"])["weak"])
+                 weak=WEAK_SETTINGS.get(cfg.op, WEAK_SETTINGS["add"]))
     for phase, values in table.items():
         for key, value in zip(("init_scale", "lr", "wd"), values):
             if getattr(cfg, f"{phase}_{key}") is None:
@@ -169,12 +164,54 @@ def resolve(cfg: Config) -> Config:
 
 
 def make_data(cfg, device) -> dict:
-    """Modular: exp_modular's pairs (tokens (a, b)). Parity: exp_parity's sample, ±1 bits -> tokens
-    {0, 1}, labels ±1 -> classes {0, 1}."""
-    if cfg.op != "parity":
-        return exp_modular.make_data(cfg.op, cfg.p, cfg.train_frac, cfg.data_seed, device)
-    d = exp_parity.make_data(cfg.q, list(range(1, cfg.k + 1)), cfg.n, cfg.n_test, cfg.data_seed, device)
-    return {k: (v > 0).long() for k, v in d.items()}
+    """Modular (as exp_modular.py): all pairs (a, b), label a∘b mod p, split by a generator of its own.
+    Parity (as exp_parity.py): x uniform on {0, 1}^q, label the XOR of the first k bits; a training set,
+    then a fresh test sample."""
+    gen = torch.Generator().manual_seed(cfg.data_seed)
+    if cfg.op == "parity":
+        x = torch.randint(0, 2, (cfg.n + cfg.n_test, cfg.q), generator=gen).float() * 2 - 1  # ±1 bits
+        y = x[:, :cfg.k].prod(1)
+        x, y = (x > 0).long(), (y > 0).long()  # tokens {0, 1}; classes {0, 1}
+        split = dict(x_train=x[:cfg.n], y_train=y[:cfg.n], x_test=x[cfg.n:], y_test=y[cfg.n:])
+        return {k: v.to(device) for k, v in split.items()}
+    p = cfg.p
+    a, b = torch.cartesian_prod(torch.arange(p), torch.arange(p)).T  # (p^2,), (p^2,)
+    if cfg.op == "div":
+        keep = b != 0
+        a, b = a[keep], b[keep]
+        inv = torch.tensor([pow(int(v), -1, p) for v in range(1, p)])  # b^-1 mod p for b = 1..p-1
+        y = a * inv[b - 1] % p
+    else:
+        y = {"add": a + b, "sub": a - b, "mul": a * b}[cfg.op] % p
+    x = torch.stack([a, b], 1)  # (N, 2) tokens
+    perm = torch.randperm(len(y), generator=gen)
+    tr, te = perm[:round(cfg.train_frac * len(y))], perm[round(cfg.train_frac * len(y)):]
+    return {k: v.to(device) for k, v in dict(x_train=x[tr], y_train=y[tr], x_test=x[te], y_test=y[te]).items()}
+
+
+def check_task(op: str, p: int, train_frac: float):
+    """The modular task's constraints (as exp_modular.py)."""
+    if p < 2:
+        raise ConfigError(f"p must be >= 2, got {p}")
+    common.check_memory(p * p * 100, f"p = {p} ({p * p:.3g} pairs)")
+    if op == "div" and any(p % q == 0 for q in range(2, int(p ** 0.5) + 1)):
+        raise ConfigError(f"op 'div' needs a prime p (every b != 0 invertible), got p = {p}")
+    if not 0 < train_frac < 1:
+        raise ConfigError(f"train_frac must be in (0, 1), got {train_frac}")
+    n = p * (p - 1 if op == "div" else p)
+    if round(train_frac * n) in (0, n):
+        raise ConfigError(f"train_frac {train_frac} leaves an empty train or test set for {n} pairs")
+
+
+def weak_model(cfg, seeds, device):
+    """exp_modular.py's weak model, a two-layer FNN: W2 relu(W1 [E a; E b]), E (p x d_W)."""
+    return common.token_mlp(cfg.p, 2, cfg.weak_d_embed, [cfg.weak_width], cfg.p, cfg.weak_init_scale,
+                            seeds).to(device)
+
+
+def transfer(weak_model) -> torch.Tensor:
+    """GrokTransfer's step: the weak FNN's token embedding (K, p, d_W) becomes A in the transformer's A @ B."""
+    return weak_model.embed.weight.detach().cpu()
 
 
 def vocab_ctx_out(cfg) -> tuple[int, int, int]:
@@ -227,7 +264,7 @@ def table1(summary: dict, device: str) -> list[dict]:
 def main(argv=None):
     cfg = resolve(common.config_or_exit(Config(), argv, {"op": OPS, "precision": common.PRECISIONS}, check))
     try:
-        weak_loaded = (exp_modular.load_weak_embedding(cfg.weak_embedding, cfg.p, cfg.seeds)
+        weak_loaded = (common.load_weak_embedding(cfg.weak_embedding, cfg.p, cfg.seeds)
                        if cfg.weak_embedding and cfg.op != "parity" else None)
         run = common.open_run(cfg, "transformer")
     except ConfigError as e:
@@ -235,7 +272,7 @@ def main(argv=None):
     device = common.pick_device(cfg.device)
     common.set_seed(cfg.seed, cfg.deterministic)
     phases = common.phase_list(cfg.phases, PHASES)
-    task = f"({cfg.q}, {cfg.k})-parity" if cfg.op == "parity" else f"a {'+-*/'[exp_modular.OPS.index(cfg.op)]} b mod {cfg.p}"
+    task = f"({cfg.q}, {cfg.k})-parity" if cfg.op == "parity" else f"a {'+-*/'[OPS.index(cfg.op)]} b mod {cfg.p}"
     title = f"{task}, {cfg.n_layers}-layer transformer (d_model {cfg.d_model})"
     print(f"run directory {run}  device {device}  {title}  phases {', '.join(phases)}")
 
@@ -248,16 +285,15 @@ def main(argv=None):
     header = dict(device=common.device_name(device), op=cfg.op, n_train=n_train, n_test=len(data["y_test"]),
                   flops_per_epoch=common.transformer_flops(n_train * n_ctx, cfg.n_layers, cfg.d_model, cfg.d_mlp,
                                                            cfg.n_heads, cfg.d_head, n_ctx, n_out, n_train))
-    record = common.RunRecord(run, header, title=title, ckpt_every=cfg.ckpt_every, resume=cfg.resume)
+    record = common.RunRecord(run, cfg, header, title=title)
 
     # 1. weak FNN (exp_modular's), stopped at transfer_at test accuracy; its embedding is A
     weak = weak_loaded
     if "weak" in phases:
-        model = exp_modular.weak_model(cfg, seeds, device)
+        model = weak_model(cfg, seeds, device)
         hist = common.train(model, data, epochs=cfg.weak_epochs, lr=cfg.weak_lr, wd=cfg.weak_wd,
                             stop_at=cfg.transfer_at, desc="weak", ckpt=record.checkpoint("weak"), **opt)
-        weak = common.weak_phase_done(record, hist, model, model.embed.weight.detach().cpu(), cfg.transfer_at,
-                                      op=cfg.op, p=cfg.p)
+        weak = record.weak_done(hist, model, transfer(model), cfg.transfer_at, op=cfg.op, p=cfg.p)
     elif weak is not None:
         record.summary["weak_embedding"] = cfg.weak_embedding
 

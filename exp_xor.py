@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -206,70 +205,6 @@ def metrics_row(train_loss, f_train, y_train, test_loss, f_test, y_test, norm) -
     return torch.stack([train_loss, acc(f_train, y_train), test_loss, acc(f_test, y_test), norm], 1)
 
 
-def gd_loop(step, evaluate, epochs: int, eval_every: int, desc: str, quiet: bool, state: dict,
-            ckpt: common.Checkpoint | None = None) -> dict:
-    """Run `step()` epochs times; `evaluate()` -> (K, 5) at 0, 1, 2, 4, ... below eval_every, every
-    eval_every epochs and at the end. One host sync per evaluation. `state` is the dict of tensors the
-    step updates: it is what a checkpoint saves (every ckpt.every epochs and at the end) and restores
-    (ckpt.resume). Ctrl-C checkpoints between steps and exits with status 130. Returns a history in
-    the format of common.train (epochs, metrics (E, K, 5), stop/failed_epoch, epochs_run, wall_s, diverged)."""
-    eval_at = set(range(0, epochs + 1, eval_every)) | {e for e in (1, 2, 4, 8, 16, 32, 64) if e < eval_every} | {epochs}
-    rows, logged, t0, start = [], [], time.perf_counter(), 0
-    failed = None
-    log_every = max(1, epochs // 10)
-
-    def history():
-        return dict(epochs=np.array(logged), metrics=np.stack(rows), stop_epoch=np.full(len(failed), -1),
-                    failed_epoch=failed.copy(), epochs_run=logged[-1] if done else epoch,
-                    wall_s=time.perf_counter() - t0, diverged=bool((failed >= 0).all()))
-
-    def save():
-        ckpt.save(dict(done=done, epoch=epoch, state=dict(state), rows=rows, logged=logged, failed=failed,
-                       wall_s=time.perf_counter() - t0, rng=common.rng_state()))
-
-    saved = ckpt.load() if ckpt is not None and ckpt.resume else None
-    done, epoch = False, 0
-    if saved is not None:
-        device = next(v for v in state.values() if torch.is_tensor(v)).device
-        state.update({k: v.to(device) if torch.is_tensor(v) else v for k, v in saved["state"].items()})
-        rows, logged, failed, epoch = list(saved["rows"]), list(saved["logged"]), saved["failed"], saved["epoch"]
-        t0, start, done = time.perf_counter() - saved["wall_s"], saved["epoch"] + 1, saved["done"]
-        common.set_rng_state(saved["rng"])
-        if done:
-            return history()
-        print(f"[{desc}] resuming from epoch {epoch}", flush=True)
-    with common._sigint_flag() as interrupted:
-        for epoch in range(start, epochs + 1):
-            if epoch > 0:
-                step()
-            if epoch in eval_at:
-                row = evaluate().cpu().numpy()
-                rows.append(row)
-                logged.append(epoch)
-                if failed is None:
-                    failed = np.full(len(row), -1)
-                failed[~np.isfinite(row[:, 0]) & (failed < 0)] = epoch
-                if not quiet and (epoch % log_every == 0 or epoch in (1, epochs)):
-                    print(f"[{desc}] epoch {epoch:6d}  train_acc {np.nanmean(row[:, 1]):.4f}  test_acc "
-                          f"{np.nanmean(row[:, 3]):.4f}  train_loss {np.nanmean(row[:, 0]):.4g}  "
-                          f"{time.perf_counter() - t0:.1f}s", flush=True)
-                if (failed >= 0).all():
-                    break
-            if ckpt is not None and ckpt.every and epoch and epoch % ckpt.every == 0:
-                save()
-            if interrupted():
-                if ckpt is None:
-                    common.fail(f"interrupted at epoch {epoch} of phase '{desc}' (no checkpoint)", status=130)
-                save()
-                ckpt.on_interrupt(history())
-                common.fail(f"interrupted at epoch {epoch} of phase '{desc}'; checkpoint and metrics saved. "
-                            f"Resume: the same command with --resume", status=130)
-    done = True
-    if ckpt is not None:
-        save()
-    return history()
-
-
 def default_init_chunks(gen: torch.Generator, p: int, m: int, chunk: int):
     """PyTorch's default nn.Linear(p, m) weight, U(±1/sqrt(p)), drawn as (p, m) row blocks."""
     for r0 in range(0, p, chunk):
@@ -277,7 +212,7 @@ def default_init_chunks(gen: torch.Generator, p: int, m: int, chunk: int):
         yield r0, r1, (torch.rand((r1 - r0, m), generator=gen) * 2 - 1) / math.sqrt(p)
 
 
-def scratch_init(cfg, data, seeds, m, device):
+def scratch_init(data, seeds, m, device):
     """Precomputations of the span form for K members: P0 = X W0 (K, n, m), Q0 = X_test W0 (K, n_test, m),
     ||W0||^2 (K,), and a0 ~ U(±1/sqrt(m)) (nn.Linear(m, 1)). W0 is drawn in row blocks and dropped."""
     X, p = data["x_train"], data["x_train"].shape[1]
@@ -302,7 +237,7 @@ def scratch_init(cfg, data, seeds, m, device):
 def train_scratch(cfg, data, seeds, device, ckpt=None):
     """Fig 4a in the span form: W = c W0 + X^T Z, Z (K, n, m) starting at 0, c = 1; a trained directly."""
     m = cfg.scratch_width
-    P0, Q0, norm0, a = scratch_init(cfg, data, seeds, m, device)
+    P0, Q0, norm0, a = scratch_init(data, seeds, m, device)
     X, y = data["x_train"], data["y_train"]
     G = X @ X.T  # (n, n) Gram matrix of the training inputs
     Gt = torch.cat([xs @ X.T for _, xs in chunks_of_test(data)])  # (n_test, n)
@@ -329,7 +264,8 @@ def train_scratch(cfg, data, seeds, device, ckpt=None):
         return metrics_row(loss, f, y, loss_and_grad(f_t, data["y_test"], cfg.loss)[0], f_t, data["y_test"],
                            torch.sqrt(w2.clamp_min(0) + a.pow(2).sum(1)))
 
-    return gd_loop(step, evaluate, cfg.scratch_epochs, cfg.eval_every, "scratch", cfg.quiet, state, ckpt)
+    return common.train(state, data, epochs=cfg.scratch_epochs, eval_every=cfg.eval_every, desc="scratch",
+                        quiet=cfg.quiet, ckpt=ckpt, step=step, evaluate_fn=evaluate)
 
 
 def dense_scratch_step(W, a, X, y, lr, wd, form, loss):
@@ -370,8 +306,8 @@ def train_weak(cfg, data, seeds, width, device, quiet=None, ckpt=None):
         return metrics_row(loss, f, y, loss_and_grad(f_t, data["y_test"], cfg.loss)[0], f_t, data["y_test"],
                            torch.sqrt(W.pow(2).sum((1, 2)) + a.pow(2).sum(1)))
 
-    hist = gd_loop(step, evaluate, cfg.weak_epochs, cfg.weak_eval_every, f"weak-{width}",
-                   cfg.quiet if quiet is None else quiet, state, ckpt)
+    hist = common.train(state, data, epochs=cfg.weak_epochs, eval_every=cfg.weak_eval_every, desc=f"weak-{width}",
+                        quiet=cfg.quiet if quiet is None else quiet, ckpt=ckpt, step=step, evaluate_fn=evaluate)
     return hist, state["W"], state["a"]
 
 
@@ -418,7 +354,8 @@ def train_target(cfg, data, U, seeds, device, ckpt=None):
         norm = state["V"].pow(2).sum((1, 2)) + state["a"].pow(2).sum(1) + (state["U"].pow(2).sum((1, 2)) if cfg.train_U else 0)
         return metrics_row(loss, f, y, loss_and_grad(f_t, data["y_test"], cfg.loss)[0], f_t, data["y_test"], norm.sqrt())
 
-    return gd_loop(step, evaluate, cfg.target_epochs, cfg.eval_every, "groktransfer", cfg.quiet, state, ckpt)
+    return common.train(state, data, epochs=cfg.target_epochs, eval_every=cfg.eval_every, desc="groktransfer",
+                        quiet=cfg.quiet, ckpt=ckpt, step=step, evaluate_fn=evaluate)
 
 
 FEATURES = torch.tensor([[1.0, 1.0], [1.0, -1.0], [-1.0, 1.0], [-1.0, -1.0]])  # the four cluster directions
@@ -451,9 +388,7 @@ def neuron_features(W: torch.Tensor) -> list[dict]:
 
 def plot_neurons(W: torch.Tensor, test_acc: float, path: Path):
     """Fig 4c: each weak neuron's first two coordinates (arrows) and the norm of the rest (bars)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = common.pyplot()
     W = W.cpu()
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(8, 3.8))
     lim = 1.15 * float(W[:2].abs().max())
@@ -484,9 +419,7 @@ def plot_neurons(W: torch.Tensor, test_acc: float, path: Path):
 
 def plot_embedding3d(E: torch.Tensor, y: torch.Tensor, path: Path):
     """Fig 5a: fresh points seen through the weak first layer, U^T x in R^3, coloured by label."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = common.pyplot()
     E, y = E.cpu().numpy(), y.cpu().numpy()
     fig = plt.figure(figsize=(5, 4.5))
     ax = fig.add_subplot(projection="3d")
@@ -535,8 +468,7 @@ def main(argv=None):
         return study_weak_width(cfg, run, seeds, device)
 
     data = make_data(cfg.n, cfg.p, cfg.eps, cfg.n_test, cfg.data_seed, device)
-    record = common.RunRecord(run, new_summary(cfg, device), title="XOR cluster data",
-                              ckpt_every=cfg.ckpt_every, resume=cfg.resume)
+    record = common.RunRecord(run, cfg, new_summary(cfg, device), title="XOR cluster data")
 
     # 1. the wide network from scratch: grokking (Fig 4a)
     record.phase_done("scratch", train_scratch(cfg, data, seeds, device, record.checkpoint("scratch")))
@@ -547,14 +479,14 @@ def main(argv=None):
     record.phase_done("weak", hist, extra=dict(weak_neuron_features=feats[0] if len(seeds) == 1 else feats,
                                                norm_ratio=[round(float(r), 6) for r in norm_ratio(W)]))
     common.save_atomic(dict(U=W.cpu(), p=cfg.p, n=cfg.n, eps=cfg.eps), run / "embedding.pt")
-    plot_neurons(W[0], float(hist["metrics"][-1, 0, 3]), run / "neurons.png")
+    plot_neurons(W[0], float(hist["metrics"][-1, 0, common.TEST_ACC]), run / "neurons.png")
     plot_embedding3d(*embed_fresh(4000, cfg.p, cfg.eps, cfg.data_seed + 1, W[0]), run / "embedding3d.png")
 
     # 3. the target on the transferred embedding U = W (Theorem 3.2, Fig 9)
     hist = train_target(cfg, data, W, seeds, device, record.checkpoint("groktransfer"))
     at1 = list(hist["epochs"]).index(1)
-    one = dict(one_step_train_acc=[float(v) for v in hist["metrics"][at1, :, 1]],
-               one_step_test_acc=[float(v) for v in hist["metrics"][at1, :, 3]])
+    one = dict(one_step_train_acc=[float(v) for v in hist["metrics"][at1, :, common.TRAIN_ACC]],
+               one_step_test_acc=[float(v) for v in hist["metrics"][at1, :, common.TEST_ACC]])
     one = common.single(one)
     record.phase_done("groktransfer", hist, extra=one)
     print(f"[groktransfer] after one GD step: train acc {one['one_step_train_acc']}  test acc {one['one_step_test_acc']}")
@@ -568,9 +500,7 @@ def main(argv=None):
 
 def study_norm_ratio(cfg, run, seeds, device):
     """Fig 5b, 5c: r_W of trained weak models against p (n fixed) and n (p fixed), per eps."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = common.pyplot()
     results = dict(vs_p=[], vs_n=[])
     settings = [("vs_p", p, cfg.ratio_n, e) for e in cfg.ratio_eps for p in cfg.ratio_ps]
     settings += [("vs_n", cfg.ratio_p, n, e) for e in cfg.ratio_eps for n in cfg.ratio_ns]
@@ -580,7 +510,7 @@ def study_norm_ratio(cfg, run, seeds, device):
                                 cfg.weak_width, device, quiet=True)  # r_W needs the final W only: evaluate rarely
         r = norm_ratio(W).cpu().numpy()
         row = dict(p=p, n=n, eps=eps, r_W=float(r.mean()), r_W_members=r.tolist(),
-                   test_acc=float(hist["metrics"][-1, :, 3].mean()))
+                   test_acc=float(hist["metrics"][-1, :, common.TEST_ACC].mean()))
         results[which].append(row)
         print(f"[norm_ratio {i + 1}/{len(settings)}] p {p}  n {n}  eps {eps:.5f}  r_W {row['r_W']:.4g}  "
               f"weak test acc {row['test_acc']:.3f}", flush=True)
@@ -613,12 +543,11 @@ def study_norm_ratio(cfg, run, seeds, device):
 def study_weak_width(cfg, run, seeds, device):
     """Fig 10, 11: weak models of each width in cfg.weak_widths, and the target trained on each embedding."""
     data = make_data(cfg.n, cfg.p, cfg.eps, cfg.n_test, cfg.data_seed, device)
-    record = common.RunRecord(run, new_summary(cfg, device), title="XOR, weak widths",
-                              ckpt_every=cfg.ckpt_every, resume=cfg.resume)
+    record = common.RunRecord(run, cfg, new_summary(cfg, device), title="XOR, weak widths")
     for width in cfg.weak_widths:
         hist, W, _ = train_weak(cfg, data, seeds, width, device, ckpt=record.checkpoint(f"weak-{width}"))
         record.phase_done(f"weak-{width}", hist, extra=dict(weak_neuron_features=neuron_features(W[0])))
-        plot_neurons(W[0], float(hist["metrics"][-1, 0, 3]), run / f"neurons_{width}.png")
+        plot_neurons(W[0], float(hist["metrics"][-1, 0, common.TEST_ACC]), run / f"neurons_{width}.png")
         record.phase_done(f"target-{width}", train_target(cfg, data, W, seeds, device,
                                                         record.checkpoint(f"target-{width}")))
     png = common.plot_dynamics(run, title=f"weak widths {cfg.weak_widths}: weak model, then the target on its embedding")
