@@ -1,27 +1,26 @@
-"""Throughput of the project's trainer against a plain training loop, on one workload.
+"""Throughput of the project's trainer against plain training loops, on one workload.
 
-Workload (issue 7): a+b mod p (113), 25% train, the three-layer target FNN (d_embed 128, width 512),
-full-batch AdamW, cross-entropy. Measured, each after a warm-up:
-  reference   one model written the plain way most public grokking code uses: nn.Embedding and
-              nn.Linear, torch.optim.AdamW, and every epoch a step, then an evaluation on the train
-              and test sets with .item() on the losses and accuracies (four host syncs per epoch);
+Workload: a+b mod p (113), 25% train, the three-layer target FNN (d_embed 128, width 512), full-batch
+AdamW, cross-entropy. Measured, each after a warm-up:
+  plain       the fair anchor: one model written the plain way (nn.Embedding, bias-free nn.Linear,
+              torch.optim.AdamW), evaluated on the train and test sets every eval_every epochs, as
+              the trainer is, with .item() on the four numbers;
+  plain/ep    the same loop evaluating every epoch, as much public grokking code does (more work:
+              its speed-up says as much about evaluation cadence as about the trainer);
   trainer     common.train with K = 1 (float32), and with K in --Ks members at each of --precisions.
-              It evaluates every eval_every epochs (10, as the experiments do), and that cost is in
-              the time.
-For each: ms per model-epoch (wall time / epochs / K), the speed-up over the reference, achieved
-TFLOP/s and peak device memory. FLOPs counted: the training step only, 3 x the forward matmuls
-(forward, and the backward's input and weight gradients), i.e. 6 * n_train * sum(fan_in * fan_out)
-per model-epoch; the embedding gather, elementwise ops, the optimizer and evaluation are not
-counted, so the figure understates the work done, the same way for every row.
+For each: ms per model-epoch (wall time / epochs / K), the speed-up over the fair anchor `plain`,
+TFLOP/s and peak device memory. FLOPs counted: every matmul the row does, training (3 x forward:
+forward, the backward's input and weight gradients) and evaluation (1 x forward over train and test
+sets, at that row's cadence); the embedding gather, elementwise ops and the optimizer are not counted.
 
 Usage:
-  python bench.py                        # the issue's table, on CUDA if present; writes bench.json
+  python bench.py                        # the FNN table, on CUDA if present; writes bench.json
   python bench.py --device cpu --p 23 --d_embed 16 --width 32 --epochs 20 --Ks 2 4 --out /tmp/b.json
   python bench.py --workload transformer8 --Ks 1   # Fig 6's 8-layer transformer: ms/epoch per precision
   python bench.py --workload transformer2           # Fig 8's 2-layer transformer
 The transformer workloads (exp_transformer's models on the same a+b mod 113 data, tokens (a, b)) have
-no reference row: the trainer rows at each precision, K = 1 first. Their FLOPs per model-epoch are
-common.transformer_flops (every matmul, attention scores included, x 3 for the backward).
+no plain row: the trainer rows at each precision, K = 1 first. Their forward FLOPs per point come from
+common.transformer_flops (every matmul, attention scores included).
 The numbers that count come from a GPU; the CPU run exists for the tests and for a quick look.
 """
 from __future__ import annotations
@@ -36,7 +35,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
-import exp_modular
 from common import ConfigError
 
 
@@ -49,7 +47,7 @@ WORKLOADS = ("fnn", *TRANSFORMERS)
 
 @dataclass
 class Config:
-    workload: str = "fnn"  # fnn (issue 7's table), transformer8 or transformer2 (issue 5)
+    workload: str = "fnn"  # fnn (the plain-loop table), transformer8 (Fig 6) or transformer2 (Fig 8)
     p: int = 113  # modulus of the workload (the paper's)
     train_frac: float = 0.25  # 25% of the p^2 pairs train
     d_embed: int = 128  # target embedding dimension
@@ -66,9 +64,17 @@ class Config:
 
 
 def check(cfg: Config):
-    for key in ("p", "d_embed", "width", "epochs", "eval_every"):
+    for key in ("d_embed", "width", "epochs", "eval_every"):
         if getattr(cfg, key) <= 0:
             raise ConfigError(f"{key} must be positive, got {getattr(cfg, key)}")
+    if cfg.p < 2:
+        raise ConfigError(f"p must be >= 2, got {cfg.p}")
+    common.check_memory(cfg.p * cfg.p * 100, f"p = {cfg.p} ({cfg.p ** 2:.3g} pairs)")
+    if not 0 < cfg.train_frac < 1 or round(cfg.train_frac * cfg.p ** 2) in (0, cfg.p ** 2):
+        raise ConfigError(f"train_frac must leave non-empty train and test sets of the {cfg.p ** 2} pairs, "
+                          f"got {cfg.train_frac}")
+    if Path(cfg.out).is_dir():
+        raise ConfigError(f"out must be a file path for the table (bench.json); {cfg.out} is a directory")
     if cfg.warmup < 0:
         raise ConfigError(f"warmup must be >= 0, got {cfg.warmup}")
     if not cfg.Ks or any(k <= 0 for k in cfg.Ks):
@@ -102,16 +108,27 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def reference_loop(cfg, data, epochs):
-    """The plain loop: step, then evaluate train and test and log with .item(), every epoch."""
+def make_data(p: int, train_frac: float, device) -> dict:
+    """a + b mod p over all pairs, split by a generator of its own (seed 0), as exp_modular.py."""
+    a, b = torch.cartesian_prod(torch.arange(p), torch.arange(p)).T
+    x, y = torch.stack([a, b], 1), (a + b) % p
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    tr, te = perm[:round(train_frac * len(y))], perm[round(train_frac * len(y)):]
+    return {k: v.to(device) for k, v in dict(x_train=x[tr], y_train=y[tr], x_test=x[te], y_test=y[te]).items()}
+
+
+def plain_loop(cfg, data, epochs, eval_every):
+    """The plain loop: a step every epoch; every eval_every epochs, train and test metrics with .item()."""
     model = PlainMLP(cfg.p, cfg.d_embed, cfg.width).to(data["x_train"].device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.wd)
     log = []
-    for _ in range(epochs):
+    for epoch in range(1, epochs + 1):
         loss = F.cross_entropy(model(data["x_train"]), data["y_train"])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if epoch % eval_every:
+            continue
         with torch.no_grad():
             row = []
             for split in ("train", "test"):
@@ -124,7 +141,8 @@ def reference_loop(cfg, data, epochs):
 
 def trainer_run(cfg, data, epochs, K, precision):
     if cfg.workload == "fnn":
-        model = exp_modular.target_model(cfg, list(range(K)), 1.0, data["x_train"].device)
+        model = common.token_mlp(cfg.p, 2, cfg.d_embed, [cfg.width, cfg.width], cfg.p, 1.0,
+                                 list(range(K))).to(data["x_train"].device)
     else:
         model = common.transformer(cfg.p, 2, cfg.p, **TRANSFORMERS[cfg.workload], init_scales=1.0,
                                    seeds=list(range(K))).to(data["x_train"].device)
@@ -150,27 +168,31 @@ def measure(fn, cfg, device):
 def main(argv=None):
     cfg = common.config_or_exit(Config(), argv, {"workload": WORKLOADS}, check)
     device = common.pick_device(cfg.device)
-    data = exp_modular.make_data("add", cfg.p, cfg.train_frac, 0, device)
-    n_train = len(data["y_train"])
+    data = make_data(cfg.p, cfg.train_frac, device)
+    n_train, n_all = len(data["y_train"]), cfg.p ** 2
     if cfg.workload == "fnn":
-        flops = 6 * n_train * (2 * cfg.d_embed * cfg.width + cfg.width * cfg.width + cfg.width * cfg.p)  # per model-epoch
+        forward = 2 * (2 * cfg.d_embed * cfg.width + cfg.width * cfg.width + cfg.width * cfg.p)  # per point
         model_text = f"FNN {cfg.d_embed}/{cfg.width}"
-        runs = [("reference", 1, "float32", lambda e: reference_loop(cfg, data, e)),
-                ("trainer", 1, "float32", lambda e: trainer_run(cfg, data, e, 1, "float32"))]
+        runs = [("plain", 1, "float32", cfg.eval_every, lambda e: plain_loop(cfg, data, e, cfg.eval_every)),
+                ("plain/ep", 1, "float32", 1, lambda e: plain_loop(cfg, data, e, 1)),
+                ("trainer", 1, "float32", cfg.eval_every, lambda e: trainer_run(cfg, data, e, 1, "float32"))]
     else:
         shape = TRANSFORMERS[cfg.workload]
-        flops = common.transformer_flops(2 * n_train, shape["n_layers"], shape["d_model"], shape["d_mlp"],
-                                         shape["n_heads"], shape["d_head"], 2, cfg.p, n_train)
+        forward = common.transformer_flops(2, shape["n_layers"], shape["d_model"], shape["d_mlp"], shape["n_heads"],
+                                           shape["d_head"], 2, cfg.p, 1) / 3  # per point
         model_text = f"transformer {shape}"
-        runs = [("trainer", 1, prec, lambda e, prec=prec: trainer_run(cfg, data, e, 1, prec)) for prec in cfg.precisions]
+        runs = [("trainer", 1, prec, cfg.eval_every, lambda e, prec=prec: trainer_run(cfg, data, e, 1, prec))
+                for prec in cfg.precisions]
     name = str(device) if device.type == "cpu" else torch.cuda.get_device_name(device)
     print(f"device {name}  workload: add mod {cfg.p}, {n_train} train, {model_text}, {cfg.epochs} timed epochs")
 
-    runs += [("trainer", K, prec, lambda e, K=K, prec=prec: trainer_run(cfg, data, e, K, prec))
+    runs += [("trainer", K, prec, cfg.eval_every, lambda e, K=K, prec=prec: trainer_run(cfg, data, e, K, prec))
              for K in cfg.Ks for prec in cfg.precisions if cfg.workload == "fnn" or K > 1]
     rows, ref_ms = [], None
-    print(f"{'loop':10s} {'K':>4s} {'precision':>9s} {'ms/model-epoch':>15s} {'x ref':>7s} {'TFLOP/s':>8s} {'peak MiB':>9s}")
-    for loop, K, prec, fn in runs:
+    print(f"{'loop':10s} {'K':>4s} {'precision':>9s} {'ms/model-epoch':>15s} {'x plain':>7s} {'TFLOP/s':>8s} "
+          f"{'peak MiB':>9s}")
+    for loop, K, prec, every, fn in runs:
+        flops = 3 * forward * n_train + forward * n_all / every  # per model-epoch: training + evaluation
         try:
             wall, peak = measure(fn, cfg, device)
         except torch.cuda.OutOfMemoryError:
@@ -179,17 +201,17 @@ def main(argv=None):
             rows.append(dict(loop=loop, K=K, precision=prec, error="out of memory"))
             continue
         ms = 1e3 * wall / cfg.epochs / K
-        ref_ms = ref_ms or ms  # the first row: the reference loop (fnn) or the trainer at K = 1, first precision
-        row = dict(loop=loop, K=K, precision=prec, ms_per_model_epoch=round(ms, 4),
-                   speedup_vs_reference=round(ref_ms / ms, 2), tflops=float(f"{flops * K * cfg.epochs / wall / 1e12:.4g}"),
+        ref_ms = ref_ms or ms  # the first row: the plain loop (fnn) or the trainer at K = 1, first precision
+        row = dict(loop=loop, K=K, precision=prec, eval_every=every, ms_per_model_epoch=round(ms, 4),
+                   speedup_vs_plain=round(ref_ms / ms, 2), tflops=float(f"{flops * K * cfg.epochs / wall / 1e12:.4g}"),
                    peak_mib=None if peak is None else round(peak, 1))
         rows.append(row)
-        print(f"{loop:10s} {K:4d} {prec:>9s} {ms:15.3f} {row['speedup_vs_reference']:7.2f} {row['tflops']:8.3f} "
+        print(f"{loop:10s} {K:4d} {prec:>9s} {ms:15.3f} {row['speedup_vs_plain']:7.2f} {row['tflops']:8.3f} "
               f"{'-' if peak is None else f'{peak:9.0f}':>9s}", flush=True)
     common.save_json(dict(device=name, torch=torch.__version__, workload=dict(
         model=cfg.workload, op="add", p=cfg.p, n_train=n_train, epochs=cfg.epochs, eval_every=cfg.eval_every,
         **(TRANSFORMERS.get(cfg.workload) or dict(d_embed=cfg.d_embed, width=cfg.width)),
-        flops_per_model_epoch=flops), rows=rows), cfg.out)
+        forward_flops_per_point=forward), rows=rows), cfg.out)
     print(f"wrote {cfg.out}")
     return rows
 

@@ -723,18 +723,29 @@ def interrupted(ph: Phase, model, opt, ckpt, signum: int):
     fail(f"{where}; checkpoint and metrics saved. Resume: {ckpt.resume_hint}", status=status)
 
 
+_SIGNALS: list[int] = []  # SIGINT / SIGTERM received and not yet acted on
+
+
+def catch_signals():
+    """From now on (a run is open), SIGINT and SIGTERM are noted, not fatal: the running phase checkpoints
+    at its next step boundary and exits (a signal between phases stops the next phase at its first step)."""
+    import threading
+    if threading.current_thread() is threading.main_thread():
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, lambda signum, frame: _SIGNALS.append(signum))
+
+
 @contextlib.contextmanager
 def stop_signals():
     """While active, SIGINT and SIGTERM set a flag (read between steps) instead of stopping mid-update.
     Yields a function returning the signal number received, or 0."""
     import threading
-    hit = []
     if threading.current_thread() is not threading.main_thread():
         yield lambda: 0
         return
-    previous = {s: signal.signal(s, lambda signum, frame: hit.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.signal(s, lambda signum, frame: _SIGNALS.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        yield lambda: hit[0] if hit else 0
+        yield lambda: _SIGNALS[0] if _SIGNALS else 0
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
@@ -958,15 +969,25 @@ class Tracker:
 # =============================================================================
 # 7. Configuration and CLI: defaults (a dataclass in the script) < --config FILE.yaml < --key value flags
 
-RUNTIME_HELP = {  # the fields every script shares, described once
+SHARED_HELP = {  # fields that mean the same in every script, described once
     "phases": "which phases to run, comma-separated, in this order", "seed": "model init seed (the data uses data_seed)",
     "seeds": "train seeds seed .. seed+N-1 as the members of one run: median and band per phase",
     "device": "auto (cuda if available, else cpu), cpu, cuda or cuda:N",
     "deterministic": "torch deterministic algorithms (matters on CUDA only)",
-    "threads": "CPU threads for torch (0: torch's default); results are bit-identical for one thread count",
     "name": "run directory runs/<experiment>/<name> (default: a timestamp)", "out": "run directory (overrides name)",
     "quiet": "no progress bar or log lines", "ckpt_every": "checkpoint every N epochs and at each phase's end (0: ends)",
     "resume": "continue the run in --out/--name from its checkpoints (finished phases are read back)",
+    "beta1": "AdamW beta1 (not stated in the paper: PyTorch's default)", "adam_eps": "AdamW eps (PyTorch's default)",
+    "beta2": "AdamW beta2 (not stated: PyTorch's default; many grokking codes use 0.98)",
+    "eval_every": "evaluate every N epochs: the resolution of Time Gap", "precision": "float32, tf32 or bf16",
+    "stop_at": "target phases stop once test acc reaches this (the paper trains all epochs)",
+    "grid": "run the grid search over the grid_* lists instead of the phases (grid.csv, grid.json, grid.png)",
+    "grid_phase": "the target phase the grid trains", "grid_init_scales": "grid: init scales (paper: 0.05, 0.1 .. 1.5)",
+    "grid_lrs": "grid: learning rates (paper: 1e-4 .. 1, 8 values)", "grid_wds": "grid: weight decays (1e-4 .. 5)",
+    "grid_stop_at": "grid: the selection threshold, first to reach this test accuracy",
+    "members": "grid points trained at once; 0 = as many as fit in memory",
+    "shard": "i/n: run points i, i+n, ... of the grid (one job of an array)",
+    "merge": "shard run directories: combine their grid.csv files, then stop",
 }
 _INVOCATION: list[str] = []  # the script and the arguments config_or_exit parsed (for the resume command)
 
@@ -1007,13 +1028,13 @@ def config_help(defaults, choices: dict) -> str:
     lines = [doc, "", "Options (defaults < --config FILE.yaml < --key value; a bool flag alone means true):"]
     for f in dataclasses.fields(defaults):
         if f.name in sections:
-            lines.append(f"  {sections[f.name]}")
+            lines.append(f"# {sections[f.name]}")
         value = getattr(defaults, f.name)
         shown = ",".join(map(str, value)) if isinstance(value, list) else "none" if value is None else value
-        text = comments.get(f.name) or RUNTIME_HELP.get(f.name, "")
+        text = comments.get(f.name) or SHARED_HELP.get(f.name, "")
         if f.name in choices and str(choices[f.name]) not in text:
             text += f" [{', '.join(map(str, choices[f.name]))}]"
-        lines.append(f"    --{f.name} {shown!s:<14} {text}".rstrip())
+        lines.append(f"  --{f.name:<20} {str(shown):<12} {text}".rstrip())
     return "\n".join(lines)
 
 
@@ -1126,8 +1147,6 @@ def _coerce(key, value, tp, choices):
             if isinstance(value, bool):
                 raise ValueError
             out = float(value)  # YAML 1.1 reads 1e-3 as a string; float() takes it
-            if not math.isfinite(out):
-                raise ConfigError(f"config key '{key}' must be a finite number, got {value!r}")
         elif base is str:
             if not isinstance(value, (str, int, float)) or isinstance(value, bool):
                 raise ValueError
@@ -1137,6 +1156,8 @@ def _coerce(key, value, tp, choices):
     except (ValueError, TypeError):
         raise ConfigError(f"config key '{key}' expects {want}{' or none' if optional else ''}, "
                           f"got {value!r}") from None
+    if isinstance(out, float) and not math.isfinite(out):
+        raise ConfigError(f"config key '{key}' must be a finite number, got {value!r}")
     if key in choices and out not in choices[key]:
         raise ConfigError(f"config key '{key}' must be one of {', '.join(map(str, choices[key]))}; got {out!r}")
     return out
@@ -1256,16 +1277,17 @@ def open_run(cfg, experiment: str) -> Path:
     resume = getattr(cfg, "resume", False)
     if resume and not (cfg.out or cfg.name):
         raise ConfigError("--resume needs the run's directory: --out DIR or --name NAME")
-    run = claim_dir(Path(cfg.out) if cfg.out else Path("runs") / experiment / (cfg.name or time.strftime("%Y%m%d-%H%M%S")),
-                    unique=not (cfg.out or cfg.name))
+    path = Path(cfg.out) if cfg.out else Path("runs") / experiment / (cfg.name or time.strftime("%Y%m%d-%H%M%S"))
+    if resume and not (path / "config.yaml").is_file():
+        raise ConfigError(f"--resume: no run in {path} (no config.yaml)")
+    run = claim_dir(path, unique=not (cfg.out or cfg.name))
     held = (run / "config.yaml").is_file()
     if not resume:
         if held:
             raise ConfigError(f"{run} already holds a run; add --resume to continue it, or choose another --out")
         write_atomic(run / "config.yaml", yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+        catch_signals()
         return run
-    if not held:
-        raise ConfigError(f"--resume: no run in {run} (no config.yaml)")
     try:
         old = yaml.safe_load((run / "config.yaml").read_text()) or {}
     except yaml.YAMLError:
@@ -1275,6 +1297,7 @@ def open_run(cfg, experiment: str) -> Path:
             raise ConfigError(f"--resume: config key '{key}' is {value!r} but the run used {old.get(key)!r}; "
                               f"resuming would change its results")
     check_checkpoints(run, cfg)
+    catch_signals()
     return run
 
 

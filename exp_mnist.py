@@ -55,24 +55,24 @@ class Config:
     # --- weak model: two-layer MLP, trained until its test acc first reaches transfer_at (paper: 40%)
     weak_width: int = 32  # d_W: not stated in the paper; the rank of A
     weak_epochs: int = 20_000  # at most
-    transfer_at: float = 0.4
-    weak_init_scale: float = 1.0
-    weak_lr: float = 1e-3
-    weak_wd: float = 0.0
+    transfer_at: float = 0.4  # take the weak first layer when its test acc first reaches this (paper: 40%)
+    weak_init_scale: float = 1.0  # not stated: PyTorch's default
+    weak_lr: float = 1e-3  # not stated: ours
+    weak_wd: float = 0.0  # not stated: ours
     # --- target: four-layer MLP of width 200 (Liu et al.'s MNIST MLP width); first layer A @ B in GrokTransfer
-    width: int = 200
-    epochs: int = 20_000
+    width: int = 200  # hidden width of the four-layer target (paper: 200)
+    epochs: int = 20_000  # target epochs, each phase
     # (init, lr, wd): none stated in the paper. Scratch: Liu et al.'s init scale 8 with MSE and AdamW lr
     # 1e-3; their wd 0.01 needs ~2e5 steps to shrink the weights, so we searched wd {0.1, 0.3, 1, 3}
     # (6000 epochs, seed 0): 0.3 memorises by epoch 550 and reaches 60% test at 3500, a clear delay
     # (0.1: 26% test at 6000; 1: 60% at 2150; 3: memorises late, at 2100, with test). GrokTransfer:
     # PyTorch's default init, Liu et al.'s lr and wd.
-    gt_init_scale: float = 1.0
-    gt_lr: float = 1e-3
-    gt_wd: float = 0.01
-    scratch_init_scale: float = 8.0
-    scratch_lr: float = 1e-3
-    scratch_wd: float = 0.3
+    gt_init_scale: float = 1.0  # not stated: PyTorch's default
+    gt_lr: float = 1e-3  # not stated: ours
+    gt_wd: float = 0.01  # not stated: ours
+    scratch_init_scale: float = 8.0  # Liu et al.'s grokking init scale
+    scratch_lr: float = 1e-3  # Liu et al.'s
+    scratch_wd: float = 0.3  # Liu et al.'s
     # --- optimisation: AdamW, full batch (betas, eps: PyTorch defaults)
     beta1: float = 0.9
     beta2: float = 0.999
@@ -86,13 +86,13 @@ class Config:
     # size, so the same invariance needs power 1. With 2 and AdamW the sweep falls apart (README, "MNIST").
     # AdamW's decoupled decay shrinks by lr * wd per step; we pass wd * alpha^power so that shrink stays
     # lr0 * wd for every alpha (otherwise alpha = 1e-4 at power 2 would multiply the weights by -3e4).
-    alpha_lr_power: float = 2.0
+    alpha_lr_power: float = 2.0  # laziness: lr = lr0 / alpha^q, wd = wd0 alpha^q (Kumar et al.: q = 2)
     alpha: float = 1.0  # for the scratch phase of the default run
     study: str = "none"  # none, alpha, init_scale
-    alphas: list[float] = field(default_factory=lambda: [1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0])
+    alphas: list[float] = field(default_factory=lambda: [1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0])  # --study alpha: one member per alpha
     study_init_scale: float = 8.0  # the alpha study's init scale (the grokking one)
     init_scales: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0, 4.0, 8.0])  # --study init_scale
-    study_epochs: int = 10_000
+    study_epochs: int = 10_000  # epochs of each study phase
     # --- grid search (as exp_modular.py; README "Many runs at once")
     grid: bool = False
     grid_phase: str = "scratch"

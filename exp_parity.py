@@ -39,26 +39,26 @@ class Config:
     n_test: int = 2000  # fresh test points (not stated in the paper)
     data_seed: int = 0  # seed of the training set and the test sample
     # --- weak model: three-layer FNN, width 16 (appendix A.3.3); its first layer is the embedding
-    weak_width: int = 16
+    weak_width: int = 16  # hidden width of the weak three-layer FNN
     weak_epochs: int = 10_000  # at most; the weak phase stops at transfer_at
     transfer_at: float = 0.7  # take the weak first layer when test acc first reaches this ("trained to 70%")
     # (init scale, lr, wd) of the weak model: not stated in the paper. Ours, from a search over init
     # {0.5, 1} x lr {1e-2, 5e-2, 0.1} x wd {0.1, 0.3, 1, 3}, seeds 0-3, 1e4 epochs (README, "Parity"): with
     # the default init (1.0), the setting where every seed reaches 70% test, after memorising by epoch
     # 30-40 (the weak model's delay of Fig 17c's first panel): 70% at epochs 380, 530, 120, 270.
-    weak_init_scale: float = 1.0
-    weak_lr: float = 5e-2
-    weak_wd: float = 0.3
+    weak_init_scale: float = 1.0  # ours (see above)
+    weak_lr: float = 5e-2  # ours (see above)
+    weak_wd: float = 0.3  # ours (see above)
     # --- target: three-layer FNN, width 512, d_embed 128 (appendix A.3.3)
-    d_embed: int = 128
-    width: int = 512
+    d_embed: int = 128  # d_T: the target's first-layer width (x E)
+    width: int = 512  # hidden width of the target's two hidden layers
     epochs: int = 10_000  # target epochs, both phases
     gt_init_scale: float = 1.0  # not stated; ours: PyTorch's default, and it trains (99% test at epoch 30)
     gt_lr: float = 1e-3  # paper
     gt_wd: float = 1e-3  # paper
     # not stated; ours 0.1. At 1.0 (and 0.2) scratch memorises and stays at chance for all 1e4 epochs;
     # at 0.1 it groks (seeds 0-2: Time Gap 440, 40, and not within 3000 epochs) (README, "Parity")
-    scratch_init_scale: float = 0.1
+    scratch_init_scale: float = 0.1  # ours (see above)
     scratch_lr: float = 1e-2  # paper
     scratch_wd: float = 1.0  # paper
     # --- optimisation (AdamW, full batch; betas and eps not stated: PyTorch defaults)

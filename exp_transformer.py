@@ -68,7 +68,7 @@ class Config:
     n_test: int = 2000  # parity: fresh test points
     # --- weak model: exp_modular's two-layer FNN (Fig 17's weak models, "the same one used in Fig 6(a)")
     weak_d_embed: int = 4  # rank of A
-    weak_width: int = 16
+    weak_width: int = 16  # hidden width of the weak FNN
     weak_epochs: int = 10_000  # at most: the phase stops at transfer_at
     transfer_at: float = 0.3  # "we extract the embeddings ... at the point that it first reaches 30% test accuracy"
     weak_init_scale: float | None = None  # none: WEAK_SETTINGS for this op (ours; the paper's are not stated)
@@ -76,11 +76,11 @@ class Config:
     weak_wd: float | None = None  # none: WEAK_SETTINGS (add 0.3, mul 1.0)
     weak_embedding: str = ""  # a saved embedding.pt (e.g. from exp_modular.py): skip the weak phase
     # --- target transformer (appendix A.3.3, Fig 6(a)): 8 layers, d_embed 512, d_mlp 512, 4 heads of 128
-    n_layers: int = 8
-    d_model: int = 512
-    d_mlp: int = 512
-    n_heads: int = 4
-    d_head: int = 128
+    n_layers: int = 8  # transformer blocks (Fig 6: 8; Fig 8: 2)
+    d_model: int = 512  # residual width (paper: 512; Fig 8: 128)
+    d_mlp: int = 512  # MLP hidden width
+    n_heads: int = 4  # attention heads
+    d_head: int = 128  # width of each head (paper: 128; Fig 8: 32)
     layer_norm: bool = False  # Nanda et al.'s blocks have none; Fig 8 / 16 "follow Lee et al.", whose model is pre-LN
     epochs: int = 10_000  # every target phase (A.4.1: scratch needs ~1e4 epochs, GrokTransfer ~1e3)
     # (init scale, lr, wd) per target phase; none = SETTINGS above (the paper's for the modular tasks)

@@ -63,17 +63,17 @@ class Config:
     # 0.21). literal also shows a delay (test 98% at 64) but shrinks the network to nothing: weight norm
     # 0.002 by epoch 100, loss stuck at exp(0) = 1, and test acc falling again (96% at 300) as signs are
     # read off a vanishing function (README, "XOR").
-    wd_form: str = "torch"
+    wd_form: str = "torch"  # torch: theta -= lr (grad + wd theta); literal: theta <- (1 - wd) theta - lr grad
     # --- 1. scratch (Fig 4a)
     scratch_width: int = 2048  # m of the wide two-layer network
-    scratch_lr: float = 0.1
-    scratch_wd: float = 0.1
+    scratch_lr: float = 0.1  # GD learning rate of the wide network (Fig 4a)
+    scratch_wd: float = 0.1  # its weight decay
     scratch_epochs: int = 300  # Fig 4a: memorised by ~5, generalises at ~80
     # --- 2. weak (Fig 4b, 4c)
     weak_width: int = 3  # three neurons: at most 75% test accuracy (Lemma 3.1)
     weak_w_std: float = 0.1  # first layer N(0, 0.01): 0.01 read as the variance
     weak_a_std: float = 0.01  # second layer N(0, 1e-4): variance
-    weak_lr: float = 0.1
+    weak_lr: float = 0.1  # GD learning rate of the weak network
     weak_wd: float = 0.1  # appendix: "0, 1" (garbled); 0.1 as in DESIGN.md and Fig 4a
     weak_epochs: int = 1000  # Fig 4b: a phase transition near epoch 100, then converged
     weak_eval_every: int = 10  # each evaluation reads the whole test sample (p x n_test) through W
@@ -83,18 +83,18 @@ class Config:
     # ours 10; paper 2.0. With 2.0 at m = 2048 one step fits the training set for 4 of 8 inits (test acc
     # 56-100%); 10 (inside A4: sqrt(m) v_init / C <= lr <= sqrt(m) v_init = 18.1, C = 1.8) does for 8 of 8,
     # test 89-99% after one step (README, "XOR"). Pass --target_lr 2 for the paper's value.
-    target_lr: float = 10.0
-    target_wd: float = 0.0
-    target_epochs: int = 100
+    target_lr: float = 10.0  # ours 10; paper 2.0 (see above)
+    target_wd: float = 0.0  # weight decay of the target (Theorem 3.2: none)
+    target_epochs: int = 100  # GD steps of the target
     train_a: bool = False  # Theorem 3.2 keeps a fixed; footnote 2: the result holds if it is trained
     train_U: bool = False  # ... and if U (the transferred weak first layer) is trained
     # --- studies
     study: str = "none"  # none (the default run), norm_ratio (Fig 5b/5c), weak_width (Fig 10/11)
     ratio_ps: list[int] = field(default_factory=lambda: [40_000, 80_000, 160_000])  # Fig 5b, n = ratio_n
-    ratio_n: int = 1000
+    ratio_n: int = 1000  # Fig 5b: training points
     ratio_ns: list[int] = field(default_factory=lambda: [400, 800, 1600, 3200])  # Fig 5c, p = ratio_p
-    ratio_p: int = 80_000
-    ratio_eps: list[float] = field(default_factory=lambda: [1 / 40, 1 / 80, 1 / 160])
+    ratio_p: int = 80_000  # Fig 5c: input dimension
+    ratio_eps: list[float] = field(default_factory=lambda: [1 / 40, 1 / 80, 1 / 160])  # noise levels of Fig 5b/5c
     weak_widths: list[int] = field(default_factory=lambda: [1, 2, 3])  # --study weak_width
     # --- runtime
     eval_every: int = 1  # evaluations are cheap here; Time Gap resolution in epochs

@@ -10,6 +10,10 @@ import common
 from common import ConfigError
 
 
+def write_metrics(path, rows):
+    common.write_csv(path, rows, ["phase", "member", "epoch", *common.METRICS])
+
+
 # ----------------------------------------------------------------------------- config
 
 
@@ -113,7 +117,7 @@ def test_factored_embedding_equals_dense_product_and_trains_both_factors():
 
 
 def test_factored_embedding_shape_errors():
-    with pytest.raises(ConfigError, match="vocabulary size 7 but the task needs 9"):
+    with pytest.raises(ConfigError, match="vocabulary 7 but the task needs 9"):
         common.factored_embedding(torch.randn(7, 3), vocab=9, d_target=5, init_scales=1.0, seeds=[0])
     with pytest.raises(ConfigError, match="weak embedding must be"):
         common.factored_embedding(torch.randn(3, 7, 3), vocab=7, d_target=5, init_scales=1.0, seeds=[0])
@@ -242,7 +246,7 @@ def test_plot_reports_nan_instead_of_drawing_it(tmp_path):
     model = common.token_mlp(13, 2, 4, [16], 13, [1.0], [0])
     h = common.train(model, data, epochs=20, lr=1e-2, wd=0.1, eval_every=5, quiet=True)
     h["metrics"][3:, 0, :] = np.nan  # as if the loss blew up at the 4th evaluation
-    common.write_metrics(tmp_path / "metrics.csv", common.history_rows("scratch", h))
+    write_metrics(tmp_path / "metrics.csv", common.history_rows("scratch", h))
     d = common.read_metrics(tmp_path / "metrics.csv")["scratch"]
     note = common.panel_note(d["epochs"], d["metrics"])
     assert f"NaN/inf from epoch {h['epochs'][3]} (1 of 1 members)" in note
@@ -294,7 +298,7 @@ def test_summary_and_metrics_round_trip(tmp_path):
     model = common.token_mlp(13, 2, 4, [16], 13, [1.0, 0.5], [0, 1])
     h = common.train(model, data, epochs=20, lr=1e-2, wd=0.1, eval_every=5, quiet=True)
     rows = common.history_rows("weak", h)
-    common.write_metrics(tmp_path / "metrics.csv", rows)
+    write_metrics(tmp_path / "metrics.csv", rows)
     back = common.read_metrics(tmp_path / "metrics.csv")["weak"]
     np.testing.assert_array_equal(back["epochs"], h["epochs"])
     np.testing.assert_allclose(back["metrics"], h["metrics"], rtol=1e-6)
@@ -443,6 +447,6 @@ def test_best_point_breaks_ties_by_test_loss_then_point():
 def test_exactly_95_percent_counts_the_same_from_memory_and_from_metrics_csv(tmp_path):
     acc = np.array([0.5, 190 / 200, 1.0], dtype=np.float32)  # float32 0.95 is 0.94999998...
     h = dict(epochs=np.array([0, 10, 20]), metrics=np.stack([np.stack([[1, a, 1, a, 1]]) for a in acc]).astype(np.float32))
-    common.write_metrics(tmp_path / "metrics.csv", common.history_rows("x", h))
+    write_metrics(tmp_path / "metrics.csv", common.history_rows("x", h))
     back = common.read_metrics(tmp_path / "metrics.csv")["x"]["metrics"][:, 0, 1]  # float64 from text
     assert common.first_epoch(h["epochs"], acc, 0.95) == common.first_epoch(h["epochs"], back, 0.95) == 10

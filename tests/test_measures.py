@@ -1,5 +1,6 @@
 """Progress measures (common.py) against cases with a known answer: empirical NTK, kernel-task alignment,
 Gaussian-copula entropy and O-information, neuron bins, the 2-D PCA view; and train(tracker=...)."""
+import functools
 import math
 
 import numpy as np
@@ -47,42 +48,44 @@ def test_alignment_of_the_label_kernel_with_itself_is_one():
 
 
 def test_gaussian_entropy_closed_form():
-    assert common.gaussian_entropy(np.array([[4.0]])) == pytest.approx(0.5 * math.log(2 * math.pi * math.e * 4.0))
+    # in bits: the closed form in nats over ln 2
+    assert em.gaussian_entropy(np.array([[4.0]])) == pytest.approx(0.5 * math.log2(2 * math.pi * math.e * 4.0))
     cov = np.diag([1.0, 2.0, 3.0])
-    assert common.gaussian_entropy(cov) == pytest.approx(sum(common.gaussian_entropy(np.array([[v]])) for v in (1, 2, 3)))
+    assert em.gaussian_entropy(cov) == pytest.approx(sum(em.gaussian_entropy(np.array([[v]])) for v in (1, 2, 3)))
 
 
 def mutual_info(rho):
-    return -0.5 * math.log(1 - rho ** 2)
+    """Of two standard Gaussians with correlation rho, in bits."""
+    return -0.5 * math.log2(1 - rho ** 2)
 
 
 def test_o_information_of_gaussians_against_the_closed_form():
     """For three variables Omega = I(X1; X2) - I(X1; X2 | X3) (the co-information)."""
-    assert common.o_information(np.eye(4)) == pytest.approx(0.0, abs=1e-12)  # independent
+    assert em.o_information(np.eye(4)) == pytest.approx(0.0, abs=1e-12)  # independent
     # redundancy: three noisy copies of one source, pairwise correlation 0.9
     cov = np.full((3, 3), 0.9) + 0.1 * np.eye(3)
     partial = (0.9 - 0.81) / (1 - 0.81)
-    assert common.o_information(cov) == pytest.approx(mutual_info(0.9) - mutual_info(partial))
-    assert common.o_information(cov) > 0
+    assert em.o_information(cov) == pytest.approx(mutual_info(0.9) - mutual_info(partial))
+    assert em.o_information(cov) > 0
     # synergy: X3 = X1 + X2 + noise, X1 and X2 independent: Omega = -I(X1; X2 | X3)
     s2 = 0.1
     cov = np.array([[1, 0, 1], [0, 1, 1], [1, 1, 2 + s2]], dtype=float)
-    assert common.o_information(cov) == pytest.approx(-mutual_info(1 / (1 + s2)))
-    assert common.o_information(cov) < 0
+    assert em.o_information(cov) == pytest.approx(-mutual_info(1 / (1 + s2)))
+    assert em.o_information(cov) < 0
 
 
 def test_copula_estimate_matches_the_closed_form_and_keeps_order():
     rng = np.random.default_rng(0)
     x1, x2, e = rng.standard_normal((3, 20000))
     x3 = x1 + x2 + math.sqrt(0.1) * e
-    z = common.copula_normalize(np.stack([x1, np.exp(x2), x3 ** 3], 1))  # monotone maps change nothing
+    z = em.copula_normalize(np.stack([x1, np.exp(x2), x3 ** 3], 1))  # monotone maps change nothing
     assert np.all(np.diff(z[np.argsort(x1), 0]) > 0)  # ranks kept
     assert np.abs(z.mean(0)).max() < 0.01 and np.abs(z.std(0) - 1).max() < 0.02
-    est = common.o_information(np.cov(z, rowvar=False))
+    est = em.o_information(np.cov(z, rowvar=False))
     assert est == pytest.approx(-mutual_info(1 / 1.1), abs=0.03)
-    z = common.copula_normalize(rng.standard_normal((20000, 3)))
-    assert abs(common.o_information(np.cov(z, rowvar=False))) < 0.01
-    constant = common.copula_normalize(np.zeros((500, 2)))  # a dead unit: finite, not degenerate
+    z = em.copula_normalize(rng.standard_normal((20000, 3)))
+    assert abs(em.o_information(np.cov(z, rowvar=False))) < 0.01
+    constant = em.copula_normalize(np.zeros((500, 2)))  # a dead unit: finite, not degenerate
     assert np.isfinite(constant).all() and constant.std(0).min() > 0.9
 
 
@@ -91,9 +94,9 @@ def test_multiplet_extremes_find_the_synergistic_and_the_redundant_triples():
     cov = np.zeros((6, 6))
     cov[:3, :3] = [[1, 0, 1], [0, 1, 1], [1, 1, 2.1]]
     cov[3:, 3:] = np.full((3, 3), 0.9) + 0.1 * np.eye(3)
-    best = common.multiplet_extremes(cov, range(3, 7))
-    assert best["synergy"] == pytest.approx(common.o_information(cov[:3, :3]))
-    assert best["redundancy"] == pytest.approx(common.o_information(cov[3:, 3:]))
+    best = em.multiplet_extremes(cov, range(3, 7))
+    assert best["synergy"] == pytest.approx(em.o_information(cov[:3, :3]))
+    assert best["redundancy"] == pytest.approx(em.o_information(cov[3:, 3:]))
     assert best["synergy_size"] == 3 and best["redundancy_size"] == 3
 
 
@@ -102,7 +105,7 @@ def test_neuron_bins_recover_groups_of_similar_neurons():
     sources = rng.standard_normal((300, 3)) * np.array([1.0, 5.0, 10.0])
     groups = np.repeat(np.arange(3), [4, 6, 10])  # 20 neurons: noisy copies of 3 sources
     h = sources[:, groups] + 0.01 * rng.standard_normal((300, 20))
-    bins = common.neuron_bins(h, 3)
+    bins = em.neuron_bins(h, 3)
     corr = np.abs(np.corrcoef(bins.T, sources.T)[:3, 3:])
     assert sorted(corr.argmax(1).tolist()) == [0, 1, 2] and corr.max(1).min() > 0.99
 
@@ -110,7 +113,7 @@ def test_neuron_bins_recover_groups_of_similar_neurons():
 def test_pca_view_shape_and_a_circle():
     angle = 2 * math.pi * torch.arange(40) / 40
     E = torch.stack([angle.cos(), angle.sin(), torch.zeros(40), torch.zeros(40)], 1) @ torch.linalg.qr(torch.randn(4, 4))[0]
-    coords, explained = common.pca_2d(E)
+    coords, explained = em.pca_2d(E)
     assert coords.shape == (40, 2) and explained.sum() == pytest.approx(1.0)
     assert np.allclose(np.linalg.norm(coords, axis=1), 1.0, atol=1e-6)  # the circle, whatever its rotation
 
@@ -131,7 +134,8 @@ def test_fixed_embeddings_have_unit_rows_and_the_papers_sizes():
 def test_train_with_a_tracker_records_measures_at_its_epochs():
     data = em.make_data("add", 11, 0.5, 0, "cpu")
     model = common.token_mlp(11, 2, 8, [32], 11, 1.0, [0, 1])
-    tracker = common.Tracker(model, data["x_train"][:20], data["y_train"][:20], ["ntk", "cka", "oinfo"], 20, 11, n_bins=4)
+    oinfo = functools.partial(em.oinfo_measures, n_bins=4)  # exp_modular's hidden-layer measure
+    tracker = common.Tracker(model, data["x_train"][:20], data["y_train"][:20], ["ntk", "cka"], 20, 11, hidden=oinfo)
     hist = common.train(model, data, epochs=60, lr=1e-2, wd=0.0, eval_every=10, quiet=True, tracker=tracker)
     t = hist["tracked"]
     assert t["epochs"].tolist() == [0, 1, 2, 4, 8, 16, 20, 40, 60]  # powers of two below every, then every 20
@@ -140,7 +144,7 @@ def test_train_with_a_tracker_records_measures_at_its_epochs():
     np.testing.assert_allclose(t["wnorm:layers.0"][-1], model.layers[0].detach().flatten(1).norm(dim=1).numpy(), rtol=1e-6)
     assert t["ntk_change"].shape == (9, 2) and np.all(t["ntk_change"][0] == 0) and np.all(t["ntk_change"][-1] > 0)
     assert np.all(t["synergy"] <= t["redundancy"]) and np.all((t["synergy_size"] >= 3) & (t["synergy_size"] <= 4))
-    with pytest.raises(ValueError, match="cannot be used with compact"):  # Theta_0 is per member
+    with pytest.raises(ValueError, match="cannot compact"):  # Theta_0 is per member
         common.train(model, data, epochs=1, lr=1e-2, wd=0.0, quiet=True, tracker=tracker, compact=True)
     with pytest.raises(common.ConfigError, match="track must be"):
         common.Tracker(model, data["x_train"][:4], data["y_train"][:4], ["cka", "loss"], 10, 11)
@@ -151,7 +155,7 @@ def test_join_histories_shifts_the_second_part():
     model = common.token_mlp(11, 2, 8, [32], 11, 1.0, [0])
     a = common.train(model, data, epochs=20, lr=1e-2, wd=0.0, eval_every=10, quiet=True)
     b = common.train(model, data, epochs=30, lr=1e-2, wd=0.0, eval_every=10, quiet=True)
-    j = common.join_histories(a, b)
+    j = em.join_histories(a, b)
     assert j["epochs"].tolist() == [0, 1, 2, 4, 8, 10, 20, 21, 22, 24, 28, 30, 40, 50] and j["epochs_run"] == 50
     assert j["metrics"].shape == (14, 1, 5) and np.all(np.diff(j["compute_s"]) >= 0)
     np.testing.assert_array_equal(j["metrics"][-1], b["metrics"][-1])

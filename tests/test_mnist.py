@@ -21,29 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs" / "smoke" / "mnist.yaml"
 
 
-def idx_bytes(arr: np.ndarray) -> bytes:
-    header = bytes([0, 0, 8, arr.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in arr.shape)
-    return header + arr.astype(np.uint8).tobytes()
-
-
-def fake_digits(n, seed):
-    """Images whose label is visible (a bright 4x4 block at a label-dependent place) plus noise."""
-    rng = np.random.default_rng(seed)
-    y = rng.integers(0, 10, n)
-    x = rng.integers(0, 60, (n, 28, 28))
-    for i, c in enumerate(y):
-        x[i, 2 + 2 * c: 6 + 2 * c, 4:8] = 255
-    return x.astype(np.uint8), y.astype(np.uint8)
-
-
-@pytest.fixture(scope="module")
-def idx_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("mnist")
-    for prefix, n, seed in (("train", 300, 0), ("t10k", 120, 1)):
-        x, y = fake_digits(n, seed)
-        (d / f"{prefix}-images-idx3-ubyte.gz").write_bytes(gzip.compress(idx_bytes(x)))
-        (d / f"{prefix}-labels-idx1-ubyte").write_bytes(idx_bytes(y))
-    return d
+from conftest import fake_digits  # noqa: E402
 
 
 def run_script(*args, cwd=ROOT):
@@ -133,18 +111,6 @@ def test_smoke_run_offline(idx_dir, tmp_path):
     assert r.returncode == 0, r.stderr
     s = json.loads((tmp_path / "a" / "summary.json").read_text())
     assert len(s["phases"]["alpha"]["members"]) == 3 and (tmp_path / "a" / "study_alpha.png").is_file()
-
-
-@pytest.mark.parametrize("args, words", [
-    (["--data_dir", "/nonexistent"], "MNIST not found in /nonexistent"),
-    (["--n_train", "100000"], "asked for 100000/40 images"),
-    (["--alpha", "0"], "alpha must be positive"),
-    (["--study", "width"], "'study' must be one of"),
-])
-def test_bad_input_exits_2(idx_dir, tmp_path, args, words):
-    r = run_script("--config", str(SMOKE), "--data_dir", str(idx_dir), "--out", str(tmp_path / "run"), *args, cwd=tmp_path)
-    assert r.returncode == 2 and words in r.stderr and r.stderr.count("\n") == 1, r.stderr
-    assert not (tmp_path / "run").exists()
 
 
 def test_mnist_grid_runs_offline(idx_dir, tmp_path):

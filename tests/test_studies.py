@@ -93,21 +93,3 @@ def test_track_in_the_default_run(tmp_path):
     e, align = prog["scratch"]["kernel_alignment"]
     assert e.tolist() == [0, 1, 2, 4, 8, 16, 32, 64, 100, 200, 300] and np.all(np.abs(align) <= 1)
     assert (out / "progress.png").stat().st_size > 10_000
-
-
-@pytest.mark.parametrize("args, words", [
-    (["--track", "ntk,loss"], "track must be a subset of"),
-    (["--track", "ntk", "--track_every", "15"], "must be a multiple of eval_every"),
-    (["--study", "everything"], "'study' must be one of"),
-    (["--study", "embeddings", "--embeddings", "onehot,gpt"], "embeddings must be a non-empty subset"),
-    (["--study", "low_rank", "--merge_at", "500"], "merge_at (500) must be below epochs"),
-    (["--study", "weak_epochs", "--weak_snapshots", "0,100"], "weak_snapshots must be positive"),
-])
-def test_bad_study_input_exits_2(tmp_path, monkeypatch, capsys, args, words):
-    """In-process (main() is what `python exp_modular.py ...` runs), to keep the suite fast."""
-    monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit) as exit_:
-        em.main(["--config", str(SMOKE), "--out", str(tmp_path / "r"), *args])
-    err = capsys.readouterr().err
-    assert exit_.value.code == 2 and words in err and err.count("\n") == 1, err
-    assert not (tmp_path / "r").exists()
