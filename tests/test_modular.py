@@ -115,7 +115,9 @@ def test_smoke_run_writes_a_complete_run_directory(tmp_path):
     assert set(s["phases"]) == {"weak", "groktransfer", "scratch"}
     for phase, ps in s["phases"].items():
         assert fields <= set(ps), phase
-        assert 0 <= ps["final_test_acc"] <= 1 and ps["epochs"] == (smoke["weak_epochs"] if phase == "weak" else smoke["epochs"])
+        last = common.read_metrics(out / "metrics.csv")[phase]["metrics"][-1, 0]  # summary agrees with metrics.csv
+        assert ps["final_test_acc"] == pytest.approx(float(last[common.TEST_ACC]))
+        assert ps["epochs"] == (smoke["weak_epochs"] if phase == "weak" else smoke["epochs"])
     # sensible: the targets fit their training set, and the Time Gap is consistent with its epochs
     for phase in ("groktransfer", "scratch"):
         ps = s["phases"][phase]
