@@ -4,16 +4,20 @@ Read these three first: `factored_embedding` (the paper's idea: E = A @ B, A = t
 embedding, B random, both trained), `token_mlp` (the FNNs of the modular tasks) and `train` (the loop).
 
 Map, in the order a run uses it (the core first, then the infrastructure):
-  1. Models       Embedding, FactoredEmbedding, factored_embedding, token_mlp, dense_mlp, transformer
-  2. Losses       cross_entropy, accuracy, mse_loss, logistic_loss, sign_accuracy
-  3. Optimizer    AdamW (per-member lr and wd), GrokFast (Lee et al.'s gradient filter)
-  4. Training     train: step -> evaluate / freeze / log when due -> checkpoint when due
-  5. Metrics      METRICS and their column names (TEST_ACC, ...), first_epoch, time_gap, summarize
-  6. Measures     ntk_gram, ntk_change, centered_alignment, Tracker (NTK, alignment, O-information)
-  7. Config, CLI  parse_config (dataclass < --config FILE.yaml < --key value; --help), config_or_exit, fail
-  8. Run files    open_run (lock, resume checks), write_atomic, write_csv, Checkpoint, RunRecord
-  9. Grid search  grid_points, run_grid, grid_main, merge_main (shards of a job array)
- 10. Plots        plot_dynamics, plot_progress, plot_grid; `python common.py plot RUN_DIR` redraws a run
+  1. Models       Embedding, FactoredEmbedding, factored_embedding, token_mlp, dense_mlp
+  2. Transformer  Transformer, transformer (Nanda et al.'s decoder; pre-LN option), transformer_flops
+  3. Losses       cross_entropy, accuracy, mse_loss, logistic_loss, sign_accuracy
+  4. Optimizer    AdamW (per-member lr and wd), GrokFast (Lee et al.'s gradient filter)
+  5. Training     train: step -> evaluate / freeze / log when due -> checkpoint when due; Phase, record
+  6. Around it    pack / restore (checkpoint state), SIGINT / SIGTERM, precision_context, Log
+  7. Metrics      METRICS and their column names (TEST_ACC, ...), first_epoch, time_gap, summarize
+  8. Measures     ntk_gram, ntk_change, centered_alignment, Tracker (NTK, alignment, hidden-layer measures)
+  9. Config, CLI  parse_config (dataclass < --config FILE.yaml < --key value; --help), config_or_exit, fail
+ 10. Run files    open_run (lock, resume checks), write_atomic, write_csv, read_metrics
+ 11. Record       Checkpoint, check_checkpoints, RunRecord (summary.json, metrics.csv, embedding.pt)
+ 12. Grid search  grid_points, auto_members, run_grid, grid_main
+ 13. Grid files   best_point, grid.csv, merge_main (shards of a job array), plot_grid
+ 14. Plots        plot_dynamics, plot_progress; `python common.py plot RUN_DIR` redraws a run
 
 K members at once: every model holds K >= 1 independent members (seeds, init scales, learning rates,
 weight decays) as stacked parameters with a leading K dimension, and `train` steps them together with
@@ -281,6 +285,10 @@ def dense_mlp(d_in: int, d_embed: int | None, widths: list[int], n_out: int, ini
     return DenseMLP(embed, weights, embed_act, biases)
 
 
+# =============================================================================
+# 2. The transformer of the FNN -> transformer experiments (Fig 6, 8, 13, 16)
+
+
 class Transformer(nn.Module):
     """K decoder-only transformers laid out as in Nanda et al. (2023): learned token and position
     embeddings, then n_layers residual blocks h += Attn(h); h += MLP(h), no LayerNorm, and logits
@@ -388,7 +396,7 @@ def weight_norm(model: nn.Module) -> torch.Tensor:
 
 
 # =============================================================================
-# 2. Losses and accuracy, per member: logits (K, n, C), labels (n,) -> (K,)
+# 3. Losses and accuracy, per member: logits (K, n, C), labels (n,) -> (K,)
 
 
 def cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -418,8 +426,9 @@ def sign_accuracy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 # =============================================================================
-# 3. Optimizer: AdamW on stacked parameters with per-member lr and weight decay. Same arithmetic as
-# torch.optim.AdamW (single-tensor path): p *= 1 - lr*wd; m, v moments; p -= lr/bc1 * m/(sqrt(v)/sqrt(bc2)+eps)
+# 4. Optimizer: AdamW on stacked parameters with per-member lr and weight decay. Same arithmetic as
+# torch.optim.AdamW (single-tensor path):
+# p *= 1 - lr*wd; m, v moments; p -= lr/bc1 * m/(sqrt(v)/sqrt(bc2)+eps)
 
 
 class GrokFast:
@@ -487,7 +496,7 @@ class AdamW:
 
 
 # =============================================================================
-# 4. Training: one plain function, called once per phase. Full batch; no host sync between evaluations.
+# 5. Training: one plain function, called once per phase. Full batch; no host sync between evaluations.
 
 METRICS = ("train_loss", "train_acc", "test_loss", "test_acc", "weight_norm")  # a history's last axis
 TRAIN_LOSS, TRAIN_ACC, TEST_LOSS, TEST_ACC, WEIGHT_NORM = range(len(METRICS))  # read metrics by name
@@ -602,8 +611,8 @@ class Phase:
         self.last_row = np.full((self.K, len(METRICS)), np.nan, dtype=np.float32)
 
     def due(self, epoch: int) -> bool:
-        return (epoch % self.eval_every == 0 or epoch == self.epochs or (epoch < self.eval_every and epoch in EARLY)
-                or self.track_due(epoch))
+        return (epoch % self.eval_every == 0 or epoch == self.epochs
+                or (epoch < self.eval_every and epoch in EARLY) or self.track_due(epoch))
 
     def track_due(self, epoch: int) -> bool:
         every = self.tracker.every if self.tracker is not None else 0
@@ -614,10 +623,11 @@ class Phase:
 
     def history(self) -> dict:
         tracked = {"tracked": {k: np.array(v) for k, v in self.tracked.items()}} if self.tracker else {}
-        return dict(epochs=np.array(self.epochs_logged), metrics=np.stack(self.rows), stop_epoch=self.stop_epoch.copy(),
-                    failed_epoch=self.failed_epoch.copy(), epochs_run=self.epoch,
-                    wall_s=time.perf_counter() - self.t0, compute_s=np.array(self.compute_s), eval_s=self.eval_s,
-                    diverged=bool((self.failed_epoch >= 0).all()), **tracked)
+        return dict(epochs=np.array(self.epochs_logged), metrics=np.stack(self.rows),
+                    stop_epoch=self.stop_epoch.copy(), failed_epoch=self.failed_epoch.copy(),
+                    epochs_run=self.epoch,
+                    wall_s=time.perf_counter() - self.t0, compute_s=np.array(self.compute_s),
+                    eval_s=self.eval_s, diverged=bool((self.failed_epoch >= 0).all()), **tracked)
 
 
 def record(ph: Phase, model, opt, evaluate_fn, log) -> bool:
@@ -670,6 +680,10 @@ def keep_members(model, opt, keep: torch.Tensor):
         opt.grokfast.h = [h[keep] for h in opt.grokfast.h]
 
 
+# =============================================================================
+# 6. Around the loop: checkpoint state (pack, restore), signals, precision, the progress log
+
+
 def pack(ph: Phase, model, opt, done: bool) -> dict:
     """A checkpoint: model (or the step's tensors), optimizer, the phase's record so far, RNG states."""
     weights = model.state_dict() if isinstance(model, nn.Module) else dict(model)
@@ -713,7 +727,8 @@ def restore(ph: Phase, saved: dict, model, opt):
 
 
 def interrupted(ph: Phase, model, opt, ckpt, signum: int):
-    """Ctrl-C (exit 130) or SIGTERM from a scheduler (exit 143): save, write the metrics, say how to resume."""
+    """Ctrl-C (exit 130) or SIGTERM from a scheduler (exit 143): save, write the metrics, print how to
+    resume."""
     what, status = ("SIGTERM", 143) if signum == signal.SIGTERM else ("interrupted", 130)
     where = f"{what} at epoch {ph.epoch} of phase '{ph.desc}'"
     if ckpt is None:
@@ -743,7 +758,8 @@ def stop_signals():
     if threading.current_thread() is not threading.main_thread():
         yield lambda: 0
         return
-    previous = {s: signal.signal(s, lambda signum, frame: _SIGNALS.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    note = lambda signum, frame: _SIGNALS.append(signum)  # noqa: E731
+    previous = {s: signal.signal(s, note) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield lambda: _SIGNALS[0] if _SIGNALS else 0
     finally:
@@ -788,8 +804,9 @@ class Log:
         if self.lines and (epoch % self.every == 0 or epoch == self.total or now - self.last >= LOG_SECONDS):
             self.last, done = now, epoch - self.start
             eta = f"  ETA {(now - self.t0) / done * (self.total - epoch):.0f}s" if done > 0 else ""
-            print(f"[{self.desc}] epoch {epoch}/{self.total} ({epoch / self.total:.0%})  train_acc {train:.4f}  "
-                  f"test_acc {test:.4f}  train_loss {np.nanmean(row[:, TRAIN_LOSS]):.4g}  "
+            print(f"[{self.desc}] epoch {epoch}/{self.total} ({epoch / self.total:.0%})  "
+                  f"train_acc {train:.4f}  test_acc {test:.4f}  "
+                  f"train_loss {np.nanmean(row[:, TRAIN_LOSS]):.4g}  "
                   f"{now - self.t0:.1f}s{eta}", flush=True)
 
     def close(self):
@@ -797,7 +814,7 @@ class Log:
 
 
 # =============================================================================
-# 5. Metrics over a history
+# 7. Metrics over a history
 
 
 def first_epoch(epochs, values, threshold: float) -> int | None:
@@ -883,7 +900,8 @@ def transfer_point(hist: dict, transfer_at: float | None) -> dict:
     epochs = list(hist["epochs"])
     epoch_k = [int(e) if e >= 0 else hist["epochs_run"] for e in hist["stop_epoch"]]
     return dict(transfer_epoch=epoch_k,
-                transfer_test_acc=[float(hist["metrics"][epochs.index(e), k, TEST_ACC]) for k, e in enumerate(epoch_k)],
+                transfer_test_acc=[float(hist["metrics"][epochs.index(e), k, TEST_ACC])
+                                   for k, e in enumerate(epoch_k)],
                 transfer_target_reached=transfer_at is None or bool((hist["stop_epoch"] >= 0).all()))
 
 
@@ -893,7 +911,7 @@ def single(d: dict) -> dict:
 
 
 # =============================================================================
-# 6. Progress measures on a fixed probe set: empirical NTK, kernel-task alignment, hidden-layer measures
+# 8. Progress measures on a fixed probe set: empirical NTK, kernel-task alignment, hidden-layer measures
 
 def ntk_gram(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Empirical NTK of every member on probe inputs x (n, ...), in the "sum of logits" form of
@@ -945,7 +963,8 @@ class Tracker:
             raise ConfigError(f"track must be a subset of ntk, cka; got {','.join(names)}")
         if hidden is not None and not hasattr(model, "hidden"):
             raise ConfigError(f"{type(model).__name__} has no first hidden layer (model.hidden) to measure")
-        self.x, self.y, self.names, self.every, self.n_classes, self.hidden = x, y, list(names), every, n_classes, hidden
+        self.x, self.y, self.names, self.every = x, y, list(names), every
+        self.n_classes, self.hidden = n_classes, hidden
         self.theta0 = ntk_gram(model, x) if names else None
 
     def __call__(self, model: nn.Module, epoch: int | None = None) -> dict[str, np.ndarray]:
@@ -967,23 +986,28 @@ class Tracker:
 
 
 # =============================================================================
-# 7. Configuration and CLI: defaults (a dataclass in the script) < --config FILE.yaml < --key value flags
+# 9. Configuration and CLI: defaults (a dataclass in the script) < --config FILE.yaml < --key value flags
 
 SHARED_HELP = {  # fields that mean the same in every script, described once
-    "phases": "which phases to run, comma-separated, in this order", "seed": "model init seed (the data uses data_seed)",
+    "phases": "which phases to run, comma-separated, in this order",
+    "seed": "model init seed (the data uses data_seed)",
     "seeds": "train seeds seed .. seed+N-1 as the members of one run: median and band per phase",
     "device": "auto (cuda if available, else cpu), cpu, cuda or cuda:N",
     "deterministic": "torch deterministic algorithms (matters on CUDA only)",
-    "name": "run directory runs/<experiment>/<name> (default: a timestamp)", "out": "run directory (overrides name)",
-    "quiet": "no progress bar or log lines", "ckpt_every": "checkpoint every N epochs and at each phase's end (0: ends)",
+    "name": "run directory runs/<experiment>/<name> (default: a timestamp)",
+    "out": "run directory (overrides name)", "quiet": "no progress bar or log lines",
+    "ckpt_every": "checkpoint every N epochs and at each phase's end (0: ends only)",
     "resume": "continue the run in --out/--name from its checkpoints (finished phases are read back)",
-    "beta1": "AdamW beta1 (not stated in the paper: PyTorch's default)", "adam_eps": "AdamW eps (PyTorch's default)",
+    "beta1": "AdamW beta1 (not stated in the paper: PyTorch's default)",
+    "adam_eps": "AdamW eps (PyTorch's default)",
     "beta2": "AdamW beta2 (not stated: PyTorch's default; many grokking codes use 0.98)",
     "eval_every": "evaluate every N epochs: the resolution of Time Gap", "precision": "float32, tf32 or bf16",
     "stop_at": "target phases stop once test acc reaches this (the paper trains all epochs)",
     "grid": "run the grid search over the grid_* lists instead of the phases (grid.csv, grid.json, grid.png)",
-    "grid_phase": "the target phase the grid trains", "grid_init_scales": "grid: init scales (paper: 0.05, 0.1 .. 1.5)",
-    "grid_lrs": "grid: learning rates (paper: 1e-4 .. 1, 8 values)", "grid_wds": "grid: weight decays (1e-4 .. 5)",
+    "grid_phase": "the target phase the grid trains",
+    "grid_init_scales": "grid: init scales (paper: 0.05, 0.1 .. 1.5)",
+    "grid_lrs": "grid: learning rates (paper: 1e-4 .. 1, 8 values)",
+    "grid_wds": "grid: weight decays (paper: 1e-4 .. 5, 9 values)",
     "grid_stop_at": "grid: the selection threshold, first to reach this test accuracy",
     "members": "grid points trained at once; 0 = as many as fit in memory",
     "shard": "i/n: run points i, i+n, ... of the grid (one job of an array)",
@@ -1074,7 +1098,8 @@ def check_values(cfg):
             raise ConfigError(f"{key} must be in [0, 1), got {v}")
         if key.endswith("epochs") and isinstance(v, int):
             evals = v // max(1, getattr(cfg, "eval_every", 1))
-            check_memory(evals * getattr(cfg, "seeds", 1) * 400, f"{key} = {v:g} ({evals:.3g} evaluations of metrics)")
+            members = getattr(cfg, "seeds", 1)  # ~400 bytes a member per evaluation, held in memory
+            check_memory(evals * members * 400, f"{key} = {v:g} ({evals:.3g} evaluations of metrics)")
 
 
 def check_memory(n_bytes: float, what: str):
@@ -1159,7 +1184,8 @@ def _coerce(key, value, tp, choices):
     if isinstance(out, float) and not math.isfinite(out):
         raise ConfigError(f"config key '{key}' must be a finite number, got {value!r}")
     if key in choices and out not in choices[key]:
-        raise ConfigError(f"config key '{key}' must be one of {', '.join(map(str, choices[key]))}; got {out!r}")
+        allowed = ", ".join(map(str, choices[key]))
+        raise ConfigError(f"config key '{key}' must be one of {allowed}; got {out!r}")
     return out
 
 
@@ -1234,7 +1260,7 @@ def parse_config(defaults, argv: list[str], choices: dict | None = None):
 
 
 # =============================================================================
-# 8. Run directory and files: device and seeds, the run's lock, atomic files, metrics.csv, checkpoints
+# 10. Run directory and files: device and seeds, the run's lock, atomic files, metrics.csv, checkpoints
 
 
 def pick_device(name: str) -> torch.device:
@@ -1277,14 +1303,16 @@ def open_run(cfg, experiment: str) -> Path:
     resume = getattr(cfg, "resume", False)
     if resume and not (cfg.out or cfg.name):
         raise ConfigError("--resume needs the run's directory: --out DIR or --name NAME")
-    path = Path(cfg.out) if cfg.out else Path("runs") / experiment / (cfg.name or time.strftime("%Y%m%d-%H%M%S"))
+    name = cfg.name or time.strftime("%Y%m%d-%H%M%S")
+    path = Path(cfg.out) if cfg.out else Path("runs") / experiment / name
     if resume and not (path / "config.yaml").is_file():
         raise ConfigError(f"--resume: no run in {path} (no config.yaml)")
     run = claim_dir(path, unique=not (cfg.out or cfg.name))
     held = (run / "config.yaml").is_file()
     if not resume:
         if held:
-            raise ConfigError(f"{run} already holds a run; add --resume to continue it, or choose another --out")
+            raise ConfigError(f"{run} already holds a run; add --resume to continue it, or choose another "
+                              f"--out")
         write_atomic(run / "config.yaml", yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
         catch_signals()
         return run
@@ -1340,7 +1368,8 @@ def resume_command(run: Path) -> str:
         key, eq, _ = argv[i][2:].partition("=") if argv[i].startswith("--") else ("", "", "")
         if key.replace("-", "_") in ("out", "name", "resume"):
             nxt = argv[i + 1] if i + 1 < len(argv) else "--"
-            i += 1 if eq or nxt.startswith("--") or (key == "resume" and nxt.lower() not in ("true", "false")) else 2
+            bare = eq or nxt.startswith("--") or (key == "resume" and nxt.lower() not in ("true", "false"))
+            i += 1 if bare else 2  # skip the flag and, unless it stands alone, its value
             continue
         keep.append(argv[i])
         i += 1
@@ -1388,6 +1417,10 @@ def write_csv(path: Path, rows: list[dict], fields: list[str]):
     write_atomic(path, buf.getvalue())
 
 
+METRIC_FIELDS = ["phase", "member", "epoch", *METRICS]  # metrics.csv, long format
+PROGRESS_FIELDS = ["phase", "member", "epoch", "measure", "value"]  # progress.csv
+
+
 def history_rows(phase: str, history: dict) -> list[dict]:
     """Rows of metrics.csv: phase, member, epoch, METRICS."""
     return [dict(phase=phase, member=k, epoch=int(epoch), **{n: float(v) for n, v in zip(METRICS, row)})
@@ -1406,7 +1439,9 @@ def read_metrics(path: Path) -> dict[str, dict]:
     out = {}
     for phase, d in _read_long(path, lambda r: [float(r[n]) for n in METRICS]).items():
         K = max(len(v) for v in d.values())
-        out[phase] = dict(epochs=np.array(sorted(d)), metrics=np.array([[d[e][k] for k in range(K)] for e in sorted(d)]))
+        epochs = sorted(d)
+        metrics = np.array([[d[e][k] for k in range(K)] for e in epochs])
+        out[phase] = dict(epochs=np.array(epochs), metrics=metrics)
     return out
 
 
@@ -1428,6 +1463,10 @@ def _read_long(path: Path, value, by=("phase",)) -> dict:
             key = r[by[0]] if len(by) == 1 else tuple(r[b] for b in by)
             out.setdefault(key, {}).setdefault(int(r["epoch"]), {})[int(r["member"])] = value(r)
     return out
+
+
+# =============================================================================
+# 11. Checkpoints and the run record (summary.json, metrics.csv, models.pt, embedding.pt)
 
 
 class Checkpoint:
@@ -1456,7 +1495,8 @@ def read_checkpoint(path: Path, owner) -> dict:
         raise ConfigError(f"checkpoint {path} cannot be read ({type(e).__name__}); delete it to redo its "
                           f"phase") from None
     if not isinstance(state, dict) or not {"done", "model", "history", "owner"} <= set(state):
-        raise ConfigError(f"checkpoint {path} is not a checkpoint of this program; delete it to redo its phase")
+        raise ConfigError(f"checkpoint {path} is not a checkpoint of this program; delete it to redo its "
+                          f"phase")
     if owner is not None and state["owner"] != owner:
         theirs, ours = state["owner"] or {}, owner
         diff = sorted(k for k in set(theirs.get("config", {})) | set(ours["config"])
@@ -1475,7 +1515,7 @@ def check_checkpoints(run: Path, cfg):
 
 
 def load_weak_embedding(path: str, p: int, seeds: int = 1) -> torch.Tensor:
-    """--weak_embedding PATH, a saved weak embedding: embedding.pt (a dict with 'embedding') or a bare tensor, (p, d) for any
+    """--weak_embedding PATH: embedding.pt (a dict with 'embedding') or a bare tensor, (p, d) for any
     number of seeds (every member gets it) or (seeds, p, d) (one per member)."""
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -1512,27 +1552,29 @@ class RunRecord:
     def checkpoint(self, phase: str) -> Checkpoint:
         """ckpt_<phase>.pt in the run directory; an interrupt writes metrics.csv with the phase so far."""
         def partial(history):
-            write_csv(self.run / "metrics.csv", self.rows + history_rows(phase, history), ["phase", "member", "epoch", *METRICS])
+            write_csv(self.run / "metrics.csv", self.rows + history_rows(phase, history), METRIC_FIELDS)
         return Checkpoint(self.run / f"ckpt_{phase}.pt", self.cfg.ckpt_every, self.cfg.resume, partial,
                           owner=dict(config=results_config(self.cfg), phase=phase),
                           resume_hint=resume_command(self.run))
 
-    def phase_done(self, phase: str, hist: dict, model: nn.Module | None = None, extra: dict | None = None) -> dict:
+    def phase_done(self, phase: str, hist: dict, model: nn.Module | None = None, extra: dict | None = None):
         """Record a finished phase; print one line; if every member diverged, draw what there is and
         exit with status 1."""
         self.rows.extend(history_rows(phase, hist))
-        write_csv(self.run / "metrics.csv", self.rows, ["phase", "member", "epoch", *METRICS])
+        write_csv(self.run / "metrics.csv", self.rows, METRIC_FIELDS)
         if "tracked" in hist:
             self.progress.extend(progress_rows(phase, hist["tracked"]))
-            write_csv(self.run / "progress.csv", self.progress, ["phase", "member", "epoch", "measure", "value"])
+            write_csv(self.run / "progress.csv", self.progress, PROGRESS_FIELDS)
         s = self.summary["phases"][phase] = {**summarize(hist), **(extra or {})}
         if model is not None:
             self.models[phase] = {k: v.cpu() for k, v in model.state_dict().items()}
         save_json(self.summary, self.run / "summary.json")
         gaps = [m["time_gap"] for m in s["members"]] if "members" in s else s["time_gap"]
         final = hist["metrics"][-1]  # (K, 5)
-        print(f"[{phase}] done: epochs {hist['epochs_run']}  final train acc {np.nanmean(final[:, TRAIN_ACC]):.4f}  "
-              f"test acc {np.nanmean(final[:, TEST_ACC]):.4f}  Time Gap {gaps}  {hist['wall_s']:.1f}s")
+        print(f"[{phase}] done: epochs {hist['epochs_run']}  "
+              f"final train acc {np.nanmean(final[:, TRAIN_ACC]):.4f}  "
+              f"test acc {np.nanmean(final[:, TEST_ACC]):.4f}  "
+              f"Time Gap {gaps}  {hist['wall_s']:.1f}s")
         if hist["diverged"]:
             plot_dynamics(self.run, title=self.title)
             fail(f"phase '{phase}' diverged (NaN/inf loss) at epoch {hist['failed_epoch'].min()}; "
@@ -1559,7 +1601,7 @@ class RunRecord:
 
 
 # =============================================================================
-# 9. Grid search (appendix A.3: "grid search over init scale x lr x wd"; the best point is the first to
+# 12. Grid search (appendix A.3: "grid search over init scale x lr x wd"; the best point is the first to
 # reach the threshold): grid points are trained as the members of K-member models, batch after batch.
 
 PAPER_GRID = dict(  # init scale x lr x wd = 16 x 8 x 9 = 1152 points
@@ -1670,6 +1712,10 @@ def run_grid(points: list[dict], build, data, *, epochs: int, threshold: float, 
             print(f"[grid] {start}/{len(points)} points ({K} per batch)  {n_reached} reached {threshold:.0%}"
                   f"  batch {hist['wall_s']:.1f}s  total {time.perf_counter() - t0:.1f}s", flush=True)
     return rows, K
+
+
+# =============================================================================
+# 13. Grid results: selection, grid.csv, merging shards, the heatmap
 
 
 def selection_key(rows: list[dict]) -> str:
@@ -1872,7 +1918,7 @@ def plot_grid(rows: list[dict], out: Path, title: str = "") -> Path:
 
 
 # =============================================================================
-# 10. Plots: drawn from the saved CSV files, so they can be redrawn for any finished run
+# 14. Plots: drawn from the saved CSV files, so they can be redrawn for any finished run
 
 
 def pyplot():
