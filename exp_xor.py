@@ -74,7 +74,7 @@ class Config:
     weak_w_std: float = 0.1  # first layer N(0, 0.01): 0.01 read as the variance
     weak_a_std: float = 0.01  # second layer N(0, 1e-4): variance
     weak_lr: float = 0.1  # GD learning rate of the weak network
-    weak_wd: float = 0.1  # appendix: "0, 1" (garbled); 0.1 as in DESIGN.md and Fig 4a
+    weak_wd: float = 0.1  # appendix: "0, 1" (garbled); 0.1, as Fig 4a's scratch model
     weak_epochs: int = 1000  # Fig 4b: a phase transition near epoch 100, then converged
     weak_eval_every: int = 10  # each evaluation reads the whole test sample (p x n_test) through W
     # --- 3. target via GrokTransfer (Section 3.3, Fig 9)
@@ -311,6 +311,12 @@ def train_weak(cfg, data, seeds, width, device, quiet=None, ckpt=None):
     return hist, state["W"], state["a"]
 
 
+def transfer(W: torch.Tensor) -> torch.Tensor:
+    """GrokTransfer's step here: the weak first layer W (K, p, r) becomes the target's embedding U,
+    the target reading U^T x (Section 3.3)."""
+    return W.detach().clone()
+
+
 def target_init(cfg, seeds, r, device):
     """a_j ~ Unif{±1/sqrt(m)}, v_j ~ Unif{±v_init}^r (Section 3.3); V stored (K, r, m)."""
     m = cfg.target_width
@@ -483,7 +489,7 @@ def main(argv=None):
     plot_embedding3d(*embed_fresh(4000, cfg.p, cfg.eps, cfg.data_seed + 1, W[0]), run / "embedding3d.png")
 
     # 3. the target on the transferred embedding U = W (Theorem 3.2, Fig 9)
-    hist = train_target(cfg, data, W, seeds, device, record.checkpoint("groktransfer"))
+    hist = train_target(cfg, data, transfer(W), seeds, device, record.checkpoint("groktransfer"))
     at1 = list(hist["epochs"]).index(1)
     one = dict(one_step_train_acc=[float(v) for v in hist["metrics"][at1, :, common.TRAIN_ACC]],
                one_step_test_acc=[float(v) for v in hist["metrics"][at1, :, common.TEST_ACC]])
@@ -548,7 +554,7 @@ def study_weak_width(cfg, run, seeds, device):
         hist, W, _ = train_weak(cfg, data, seeds, width, device, ckpt=record.checkpoint(f"weak-{width}"))
         record.phase_done(f"weak-{width}", hist, extra=dict(weak_neuron_features=neuron_features(W[0])))
         plot_neurons(W[0], float(hist["metrics"][-1, 0, common.TEST_ACC]), run / f"neurons_{width}.png")
-        record.phase_done(f"target-{width}", train_target(cfg, data, W, seeds, device,
+        record.phase_done(f"target-{width}", train_target(cfg, data, transfer(W), seeds, device,
                                                         record.checkpoint(f"target-{width}")))
     png = common.plot_dynamics(run, title=f"weak widths {cfg.weak_widths}: weak model, then the target on its embedding")
     print(f"wrote {run / 'summary.json'} and {png}")
