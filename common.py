@@ -1376,10 +1376,6 @@ def resume_command(run: Path) -> str:
     return shlex.join(["python", script, *keep, "--out", str(run), "--resume"])
 
 
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
-
-
 def write_atomic(path: Path, data: bytes | str):
     """Write to a temporary file beside `path`, fsync, rename: a crash never leaves half a file. The file
     gets the mode the user's umask gives (mkstemp's 0600 would hide it from the group)."""
@@ -1390,7 +1386,9 @@ def write_atomic(path: Path, data: bytes | str):
             f.write(data.encode() if isinstance(data, str) else data)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)
+        umask = os.umask(0o022)  # read it (os.umask sets and returns the old value), then put it back
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -450,3 +450,17 @@ def test_exactly_95_percent_counts_the_same_from_memory_and_from_metrics_csv(tmp
     write_metrics(tmp_path / "metrics.csv", common.history_rows("x", h))
     back = common.read_metrics(tmp_path / "metrics.csv")["x"]["metrics"][:, 0, 1]  # float64 from text
     assert common.first_epoch(h["epochs"], acc, 0.95) == common.first_epoch(h["epochs"], back, 0.95) == 10
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640), (0o002, 0o664)])
+def test_run_files_get_the_mode_the_umask_gives(tmp_path, umask, mode):
+    """Not mkstemp's 0600: a run directory on a shared disk stays readable by the group."""
+    import os
+    old = os.umask(umask)
+    try:
+        common.write_atomic(tmp_path / "metrics.csv", "a,b\n")
+        common.save_json({"x": 1}, tmp_path / "summary.json")
+    finally:
+        os.umask(old)
+    for name in ("metrics.csv", "summary.json"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == mode
