@@ -879,15 +879,24 @@ def summarize(history: dict, member: int | None = None) -> dict:
 
 
 def summarize_members(members: list[dict]) -> dict:
-    """Across K members (seeds): mean and standard deviation of Time Gap (over members that reach 95%),
-    of 1/TimeGap (0 for those that never do, as the paper counts them), and of the final accuracies."""
+    """Across K members (seeds): the band of the Time Gap and of the first epochs at 95% train and
+    test (median, min, max over the members that got there), the fraction that reached 95% test, and
+    the mean and standard deviation of Time Gap, 1/TimeGap (0 for a member that never reaches 95%, as
+    the paper counts it) and the final accuracies."""
     def stats(name, values):
         v = np.array([x for x in values if x is not None], dtype=float)
         return {f"{name}_mean": float(v.mean()) if len(v) else None,
                 f"{name}_std": float(v.std()) if len(v) else None}
 
+    def band(name):
+        v = [m[name] for m in members if m[name] is not None]
+        return {f"{name}_median": float(np.median(v)) if v else None, f"{name}_min": min(v, default=None),
+                f"{name}_max": max(v, default=None)}
+
     gaps = [m["time_gap"] for m in members]
-    return dict(**stats("time_gap", gaps), n_reached_95=sum(g is not None for g in gaps),
+    return dict(**band("time_gap"), **band("first_epoch_train_95"), **band("first_epoch_test_95"),
+                fraction_reached_95=sum(m["first_epoch_test_95"] is not None for m in members) / len(members),
+                **stats("time_gap", gaps), n_reached_95=sum(g is not None for g in gaps),
                 **stats("inverse_time_gap", [m["inverse_time_gap"] for m in members]),
                 **stats("final_train_acc", [m["final_train_acc"] for m in members]),
                 **stats("final_test_acc", [m["final_test_acc"] for m in members]),

@@ -311,12 +311,15 @@ def test_summary_and_metrics_round_trip(tmp_path):
     assert png.stat().st_size > 10_000
 
 
-def test_summarize_members_counts_never_reached_as_zero_inverse_gap():
+def test_summarize_members_gives_the_seed_band_and_counts_never_reached_as_zero_inverse_gap():
+    runs = [(10, 1.0, 40, 50), (30, 0.99, 20, 50), (None, 0.2, 30, None), (50, 1.0, 10, 60)]
     members = [dict(time_gap=g, inverse_time_gap=common.inverse_time_gap(g), final_train_acc=1.0, final_test_acc=a,
-                    epochs=100, wall_s=1.0) for g, a in [(10, 1.0), (30, 0.99), (None, 0.2)]]
+                    first_epoch_train_95=tr, first_epoch_test_95=te, epochs=100, wall_s=1.0) for g, a, tr, te in runs]
     s = common.summarize_members(members)
-    assert s["time_gap_mean"] == 20 and s["time_gap_std"] == 10 and s["n_reached_95"] == 2
-    assert s["inverse_time_gap_mean"] == pytest.approx((1 / 10 + 1 / 30 + 0) / 3)
+    assert s["time_gap_mean"] == 30 and s["n_reached_95"] == 3 and s["fraction_reached_95"] == 0.75
+    assert (s["time_gap_median"], s["time_gap_min"], s["time_gap_max"]) == (30, 10, 50)
+    assert (s["first_epoch_train_95_median"], s["first_epoch_test_95_min"]) == (25, 50)  # median of an even count
+    assert s["inverse_time_gap_mean"] == pytest.approx((1 / 10 + 1 / 30 + 0 + 1 / 50) / 4)
 
 
 def test_write_atomic_keeps_the_old_file_on_failure(tmp_path):
