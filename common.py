@@ -1266,8 +1266,6 @@ def parse_config(defaults, argv: list[str], choices: dict | None = None):
     return type(defaults)(**values)
 
 
-
-
 # =============================================================================
 # 10. Run directory and files: device and seeds, the run's lock, atomic files, metrics.csv, checkpoints
 

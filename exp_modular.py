@@ -236,7 +236,6 @@ def target_model(cfg, seeds, init_scale, device, weak=None):
                             init_scale, seeds, weak=weak).to(device)
 
 
-
 def transfer(weak_model) -> torch.Tensor:
     """GrokTransfer's step: the weak model's embedding (K, p, d_W), to become A in the target's A @ B."""
     return weak_model.embed.weight.detach().cpu()
@@ -337,7 +336,6 @@ def grid_search(cfg, run, data, device, weak=None):
 
     default = SETTINGS.get(cfg.op, SETTINGS["add"])["gt" if cfg.grid_phase == "groktransfer" else "scratch"]
     return common.grid_main(cfg, run, data, build, meta, default=default, title=f"{cfg.op} mod {cfg.p}")
-
 
 
 # =============================================================================
@@ -686,8 +684,6 @@ def oinfo_measures(h: np.ndarray, n_bins: int = 10) -> dict:
     z = copula_normalize(neuron_bins(h, n_bins))
     best = multiplet_extremes(np.cov(z, rowvar=False), range(3, n_bins + 1))
     return dict(synergy=best["synergy"], redundancy=best["redundancy"], synergy_size=float(best["synergy_size"]))
-
-
 
 
 def pca_2d(E: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:

@@ -391,7 +391,6 @@ def neuron_features(W: torch.Tensor) -> list[dict]:
 # Figures particular to this experiment (the dynamics panels come from common.plot_dynamics)
 
 
-
 def plot_neurons(W: torch.Tensor, test_acc: float, path: Path):
     """Fig 4c: each weak neuron's first two coordinates (arrows) and the norm of the rest (bars)."""
     plt = common.pyplot()
