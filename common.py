@@ -731,8 +731,9 @@ def interrupted(ph: Phase, model, opt, ckpt, signum: int):
     resume."""
     what, status = ("SIGTERM", 143) if signum == signal.SIGTERM else ("interrupted", 130)
     where = f"{what} at epoch {ph.epoch} of phase '{ph.desc}'"
-    if ckpt is None:
-        fail(f"{where} (no checkpoint)", status=status)
+    if ckpt is None:  # a grid batch: grid.csv already holds every finished batch
+        hint = f"; resume: {resume_command(_OPEN_RUNS[-1])}" if _OPEN_RUNS else ""
+        fail(f"{where} (not checkpointed){hint}", status=status)
     ckpt.save(pack(ph, model, opt, done=False))
     ckpt.on_interrupt(ph.history())
     fail(f"{where}; checkpoint and metrics saved. Resume: {ckpt.resume_hint}", status=status)
@@ -1294,6 +1295,7 @@ def set_seed(seed: int, deterministic: bool = False):
 
 RESUME_FREE = ("name", "out", "quiet", "resume", "ckpt_every")  # keys a resumed run may change
 _LOCKS: dict[Path, object] = {}  # run directories this process holds (their lock files, kept open)
+_OPEN_RUNS: list[Path] = []  # run directories opened by open_run, for the resume command of a grid
 
 
 def results_config(cfg) -> dict:
@@ -1322,6 +1324,7 @@ def open_run(cfg, experiment: str) -> Path:
                               f"--out")
         write_atomic(run / "config.yaml", yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
         catch_signals()
+        _OPEN_RUNS.append(run)
         return run
     try:
         old = yaml.safe_load((run / "config.yaml").read_text()) or {}
@@ -1333,6 +1336,7 @@ def open_run(cfg, experiment: str) -> Path:
                               f"resuming would change its results")
     check_checkpoints(run, cfg)
     catch_signals()
+    _OPEN_RUNS.append(run)
     return run
 
 
@@ -1699,7 +1703,7 @@ def run_grid(points: list[dict], build, data, *, epochs: int, threshold: float, 
         try:
             model = build([p["init_scale"] for p in batch])
             hist = train(model, data, epochs=epochs, lr=[p["lr"] for p in batch], wd=[p["wd"] for p in batch],
-                         stop_at=threshold, compact=True, quiet=True, **train_kw)
+                         stop_at=threshold, compact=True, quiet=True, desc="grid batch", **train_kw)
         except torch.cuda.OutOfMemoryError:
             model = None
             torch.cuda.empty_cache()
