@@ -83,7 +83,7 @@ class Config:
     # --- laziness (Kumar et al.): f~ = alpha (f - f_0), lr = lr0 / alpha^2 (alpha 1: plain training, no f_0)
     # lr = lr0 / alpha^alpha_lr_power. Kumar et al. (8.1) use power 2, derived for gradient descent: it
     # keeps d f~/dt at t = 0 fixed. Under AdamW a step moves each weight by about lr whatever the gradient's
-    # size, so the same invariance needs power 1. With 2 and AdamW the sweep falls apart (README, "MNIST").
+    # size, so the same invariance needs power 1. With 2 and AdamW the sweep falls apart (RESULTS.md, "Fig 14").
     # AdamW's decoupled decay shrinks by lr * wd per step; we pass wd * alpha^power so that shrink stays
     # lr0 * wd for every alpha (otherwise alpha = 1e-4 at power 2 would multiply the weights by -3e4).
     alpha_lr_power: float = 2.0  # laziness: lr = lr0 / alpha^q, wd = wd0 alpha^q (Kumar et al.: q = 2)
@@ -93,7 +93,7 @@ class Config:
     study_init_scale: float = 8.0  # the alpha study's init scale (the grokking one)
     init_scales: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0, 4.0, 8.0])  # --study init_scale
     study_epochs: int = 10_000  # epochs of each study phase
-    # --- grid search (as exp_modular.py; README "Many runs at once")
+    # --- grid search (appendix A.3; README, "Many runs at once")
     grid: bool = False
     grid_phase: str = "scratch"
     grid_init_scales: list[float] = field(default_factory=lambda: list(common.PAPER_GRID["init_scales"]))

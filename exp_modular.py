@@ -55,7 +55,7 @@ FOURIER_FREQS = (2, 3, 5, 7, 11, 13, 17)  # "k = 7 frequencies ... the j-th smal
 # gt: appendix A.3.3, the grid-searched values of Fig 17a (add) and 17b (mul), as stated.
 # scratch: the paper states (0.1, 0.1, 2) for both ops. Under our reading (PyTorch AdamW, default
 #   betas) that setting does not train: add, seed 0, after 1000 epochs train acc 1.8%, loss 4.53
-#   (ln 113 = 4.73). A search near it (init 0.1 kept; lr {1e-3, 5e-3, 1e-2} x wd {1, 2}, README)
+#   (ln 113 = 4.73). A search near it (init 0.1 kept; lr {1e-3, 5e-3, 1e-2} x wd {1, 2}, RESULTS.md)
 #   picked lr 1e-2, one grid step below the paper's: memorised by epoch 50, 95% test at 600.
 #   Pass --scratch_lr 0.1 for the paper's value.
 # weak: ours; the paper does not state the weak model's values. Searched at seed 0, 1e4 epochs, over

@@ -43,12 +43,12 @@ class Config:
     weak_epochs: int = 10_000  # at most; the weak phase stops at transfer_at
     transfer_at: float = 0.7  # take the weak first layer when test acc first reaches this ("trained to 70%")
     # (init scale, lr, wd) of the weak model: not stated in the paper. Ours, from a search over init
-    # {0.5, 1} x lr {1e-2, 5e-2, 0.1} x wd {0.1, 0.3, 1, 3}, seeds 0-3, 1e4 epochs (README, "Parity"): with
+    # {0.5, 1} x lr {1e-2, 5e-2, 0.1} x wd {0.1, 0.3, 1, 3}, seeds 0-3, 1e4 epochs (RESULTS.md, "Fig 17c"): with
     # the default init (1.0), the setting where every seed reaches 70% test, after memorising by epoch
     # 30-40 (the weak model's delay of Fig 17c's first panel): 70% at epochs 380, 530, 120, 270.
-    weak_init_scale: float = 1.0  # ours (see above)
-    weak_lr: float = 5e-2  # ours (see above)
-    weak_wd: float = 0.3  # ours (see above)
+    weak_init_scale: float = 1.0  # not stated in the paper; ours, searched (RESULTS.md, Fig 17c)
+    weak_lr: float = 5e-2  # not stated in the paper; ours, searched (RESULTS.md, Fig 17c)
+    weak_wd: float = 0.3  # not stated in the paper; ours, searched (RESULTS.md, Fig 17c)
     # --- target: three-layer FNN, width 512, d_embed 128 (appendix A.3.3)
     d_embed: int = 128  # d_T: the target's first-layer width (x E)
     width: int = 512  # hidden width of the target's two hidden layers
@@ -57,8 +57,8 @@ class Config:
     gt_lr: float = 1e-3  # paper
     gt_wd: float = 1e-3  # paper
     # not stated; ours 0.1. At 1.0 (and 0.2) scratch memorises and stays at chance for all 1e4 epochs;
-    # at 0.1 it groks (seeds 0-2: Time Gap 440, 40, and not within 3000 epochs) (README, "Parity")
-    scratch_init_scale: float = 0.1  # ours (see above)
+    # at 0.1 it groks (seeds 0-2: Time Gap 440, 40, and not within 3000 epochs) (RESULTS.md, "Fig 17c")
+    scratch_init_scale: float = 0.1  # not stated in the paper; ours, searched (RESULTS.md, Fig 17c)
     scratch_lr: float = 1e-2  # paper
     scratch_wd: float = 1.0  # paper
     # --- optimisation (AdamW, full batch; betas and eps not stated: PyTorch defaults)
@@ -68,7 +68,7 @@ class Config:
     eval_every: int = 10  # evaluate every N epochs: the resolution of Time Gap
     stop_at: float | None = None  # target phases stop once test acc reaches this (paper: train all epochs)
     precision: str = "float32"  # float32, tf32 (CUDA matmuls), bf16 (autocast)
-    # --- grid search (appendix A.3; README "Many runs at once")
+    # --- grid search (appendix A.3; README, "Many runs at once")
     grid: bool = False
     grid_phase: str = "groktransfer"
     grid_init_scales: list[float] = field(default_factory=lambda: list(common.PAPER_GRID["init_scales"]))

@@ -62,7 +62,7 @@ class Config:
     # torch reproduces Fig 4a (paper size, seed 0: train 95% at epoch 3, test 95% at 91, loss falling to
     # 0.21). literal also shows a delay (test 98% at 64) but shrinks the network to nothing: weight norm
     # 0.002 by epoch 100, loss stuck at exp(0) = 1, and test acc falling again (96% at 300) as signs are
-    # read off a vanishing function (README, "XOR").
+    # read off a vanishing function (RESULTS.md, "XOR").
     wd_form: str = "torch"  # torch: theta -= lr (grad + wd theta); literal: theta <- (1 - wd) theta - lr grad
     # --- 1. scratch (Fig 4a)
     scratch_width: int = 2048  # m of the wide two-layer network
@@ -82,8 +82,8 @@ class Config:
     v_init: float = 0.4  # v_j ~ Unif{±v_init}^3
     # ours 10; paper 2.0. With 2.0 at m = 2048 one step fits the training set for 4 of 8 inits (test acc
     # 56-100%); 10 (inside A4: sqrt(m) v_init / C <= lr <= sqrt(m) v_init = 18.1, C = 1.8) does for 8 of 8,
-    # test 89-99% after one step (README, "XOR"). Pass --target_lr 2 for the paper's value.
-    target_lr: float = 10.0  # ours 10; paper 2.0 (see above)
+    # test 89-99% after one step (RESULTS.md, "XOR"). Pass --target_lr 2 for the paper's value.
+    target_lr: float = 10.0  # ours 10; paper 2.0, which fits the training set in one step for some inits only
     target_wd: float = 0.0  # weight decay of the target (Theorem 3.2: none)
     target_epochs: int = 100  # GD steps of the target
     train_a: bool = False  # Theorem 3.2 keeps a fixed; footnote 2: the result holds if it is trained
