@@ -742,13 +742,17 @@ def interrupted(ph: Phase, model, opt, ckpt, signum: int):
 _SIGNALS: list[int] = []  # SIGINT / SIGTERM received and not yet acted on
 
 
+def _note_signal(signum, frame):
+    _SIGNALS.append(signum)
+
+
 def catch_signals():
     """From now on (a run is open), SIGINT and SIGTERM are noted, not fatal: the running phase checkpoints
     at its next step boundary and exits (a signal between phases stops the next phase at its first step)."""
     import threading
     if threading.current_thread() is threading.main_thread():
         for s in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(s, lambda signum, frame: _SIGNALS.append(signum))
+            signal.signal(s, _note_signal)
 
 
 @contextlib.contextmanager
@@ -759,8 +763,7 @@ def stop_signals():
     if threading.current_thread() is not threading.main_thread():
         yield lambda: 0
         return
-    note = lambda signum, frame: _SIGNALS.append(signum)  # noqa: E731
-    previous = {s: signal.signal(s, note) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.signal(s, _note_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield lambda: _SIGNALS[0] if _SIGNALS else 0
     finally:
@@ -1362,13 +1365,6 @@ def claim_dir(path: Path, unique: bool = False) -> Path:
         raise ConfigError(f"{path} is in use by another running process; wait for it or choose another --out")
     _LOCKS[path.resolve()] = lock
     return path
-
-
-def release_dir(path: Path):
-    """Give up the lock of a run directory this process holds (a finished run; tests)."""
-    lock = _LOCKS.pop(Path(path).resolve(), None)
-    if lock is not None:
-        lock.close()
 
 
 def resume_command(run: Path) -> str:
