@@ -4,10 +4,10 @@ Read these three first: `factored_embedding` (the paper's idea: E = A @ B, A = t
 embedding, B random, both trained), `token_mlp` (the FNNs of the modular tasks) and `train` (the loop).
 
 Map, in the order a run uses it (the core first, then the infrastructure):
-  1. Models       Embedding, FactoredEmbedding, factored_embedding, token_mlp, dense_mlp
+  1. Models       Embedding, FactoredEmbedding, factored_embedding, MLP, token_mlp, dense_mlp
   2. Transformer  Transformer, transformer (Nanda et al.'s decoder; pre-LN option), transformer_flops
-  3. Losses       cross_entropy, accuracy, mse_loss, logistic_loss, sign_accuracy
-  4. Optimizer    AdamW (per-member lr and wd), GrokFast (Lee et al.'s gradient filter)
+  3. Losses       cross_entropy, accuracy (each script adds its own: MSE, logistic)
+  4. Optimizer    AdamW (per-member lr and wd, an optional gradient filter)
   5. Training     train: step -> evaluate / freeze / log when due -> checkpoint when due; Phase, record
   6. Around it    pack / restore (checkpoint state), SIGINT / SIGTERM, precision_context, Log
   7. Metrics      METRICS and their column names (TEST_ACC, ...), first_epoch, time_gap, summarize
@@ -129,19 +129,6 @@ class FactoredEmbedding(nn.Module):
         return torch.matmul(torch.matmul(x, self.A), self.B)
 
 
-class FixedEmbedding(nn.Module):
-    """A fixed, non-trainable input embedding (paper Fig 2): one table (V, d), a buffer, read by all K
-    members (table() has the (K, V, d) shape of the trainable embeddings)."""
-
-    def __init__(self, table: torch.Tensor, members: int):
-        super().__init__()
-        self.register_buffer("fixed", table)
-        self.members = members
-
-    def table(self) -> torch.Tensor:
-        return self.fixed.expand(self.members, -1, -1)
-
-
 def factored_embedding(weak: torch.Tensor, vocab: int, d_target: int, init_scales, seeds):
     """GrokTransfer: A = the weak embedding (not rescaled), B drawn like a default nn.Linear(d_weak,
     d_target) times init_scale; both trainable.
@@ -162,82 +149,32 @@ def factored_embedding(weak: torch.Tensor, vocab: int, d_target: int, init_scale
     return FactoredEmbedding(weak.detach().clone().float(), B)
 
 
-class TokenMLP(nn.Module):
-    """K bias-free ReLU MLPs reading a sequence of tokens through an embedding, tokens concatenated.
+class MLP(nn.Module):
+    """K ReLU MLPs, f(x) = W_L relu(... relu(W_1 e(x))), weights stacked (K, in, out), bias-free (the
+    paper's FNNs "do not have bias terms") unless `biases` (K, 1, out) are given.
 
-    f(x) = W_L relu(... relu(W_1 [E x_1; E x_2; ...])), as in appendix A.3.1. A "two-layer FNN" has
-    one hidden layer (widths=[16]); a "three-layer FNN" two (widths=[512, 512]).
-    """
-
-    def __init__(self, embed: nn.Module, weights: list[torch.Tensor]):
-        super().__init__()
-        self.embed = embed
-        self.layers = nn.ParameterList([nn.Parameter(w) for w in weights])  # each (K, in, out)
-
-    def inputs(self, x: torch.Tensor) -> torch.Tensor:
-        table = self.embed.table()  # (K, V, d)
-        return table[:, x].reshape(table.shape[0], x.shape[0], -1)  # (K, n, tokens * d)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.inputs(x)
-        for i, w in enumerate(self.layers):
-            h = torch.bmm(h, w)  # (K, n, out)
-            if i < len(self.layers) - 1:
-                h = torch.relu(h)
-        return h  # (K, n, n_out) logits
-
-    def hidden(self, x: torch.Tensor) -> torch.Tensor:
-        """The first hidden layer's activations, (K, n, width) (progress measures)."""
-        return torch.relu(torch.bmm(self.inputs(x), self.layers[0]))
-
-
-def token_mlp(vocab: int, n_tokens: int, d_embed: int, widths: list[int], n_out: int, init_scales, seeds,
-              weak: torch.Tensor | None = None, fixed: torch.Tensor | None = None) -> TokenMLP:
-    """Build K members. Member k draws all its weights from Generator(seeds[k]): embedding, then layers.
-
-    With `weak` given, the embedding is factored_embedding(A = weak, B random) instead of a plain table.
-    With `fixed` (vocab, d_embed) given, it is that table, not trained (FixedEmbedding).
-    """
-    K = len(seeds)
-    scales = _per_member(init_scales, K)
-    gens = [torch.Generator().manual_seed(s) for s in seeds]
-    if fixed is not None:
-        if fixed.shape != (vocab, d_embed):
-            raise ConfigError(f"fixed embedding must be ({vocab}, {d_embed}); got {tuple(fixed.shape)}")
-        embed = FixedEmbedding(fixed.float(), K)
-    elif weak is None:
-        embed = Embedding(torch.stack([embedding_init(g, (vocab, d_embed), c) for g, c in zip(gens, scales)]))
-    else:
-        # B uses a seed stream of its own so the layers below get the same draws with or without transfer
-        embed = factored_embedding(weak, vocab, d_embed, scales, [s + 10_000_019 for s in seeds])
-    sizes = [n_tokens * d_embed, *widths, n_out]
-    weights = []
-    for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
-        weights.append(torch.stack([linear_init(g, fan_in, (fan_in, fan_out), c)
-                                    for g, c in zip(gens, scales)]))
-    return TokenMLP(embed, weights)
-
-
-class DenseMLP(nn.Module):
-    """K bias-free ReLU MLPs on dense inputs x (n, d_in) (parity, MNIST).
-
-    With an embedding: f(x) = W_L relu(... relu(W_1 (x E))), E (d_in x d_embed) linear, as the token
-    embedding of TokenMLP (for one-hot x the two are the same model); E may be FactoredEmbedding
-    (x A B). Without one, f(x) = W_L relu(... relu(W_1 x)) and W_1 is the first layer that a weak
-    model hands over as A.
+    Token inputs x (n, T) (integers, the modular tasks) read their rows of the embedding table,
+    concatenated: e(x) = [E x_1; E x_2; ...] (appendix A.3.1). Dense inputs x (n, d_in) (parity, MNIST)
+    are multiplied by it, e(x) = x E (x A B when factored; relu(x E) with embed_act, E is then a layer);
+    for one-hot x the two are the same model. Without an embedding e(x) = x, and W_1 is the layer a weak
+    model hands over as A. A "two-layer FNN" has one hidden layer (widths [16]).
     """
 
     def __init__(self, embed: nn.Module | None, weights: list[torch.Tensor], embed_act: bool = False,
                  biases: list[torch.Tensor] | None = None):
         super().__init__()
-        self.embed, self.embed_act = embed, embed_act  # embed_act: ReLU after x E (E is then a layer)
+        self.embed, self.embed_act = embed, embed_act
         self.layers = nn.ParameterList([nn.Parameter(w) for w in weights])  # each (K, in, out)
         self.biases = nn.ParameterList([nn.Parameter(b) for b in biases]) if biases else None  # (K, 1, out)
 
     def inputs(self, x: torch.Tensor) -> torch.Tensor:
-        K = self.layers[0].shape[0]
-        h = self.embed.project(x) if self.embed is not None else x.expand(K, -1, -1)  # (K, n, d)
-        return torch.relu(h) if self.embed is not None and self.embed_act else h
+        if self.embed is None:
+            return x.expand(self.layers[0].shape[0], -1, -1)  # (K, n, d_in)
+        if not x.is_floating_point():  # tokens
+            table = self.embed.table()  # (K, V, d)
+            return table[:, x].reshape(table.shape[0], x.shape[0], -1)  # (K, n, tokens * d)
+        h = self.embed.project(x)  # (K, n, d)
+        return torch.relu(h) if self.embed_act else h
 
     def layer(self, i: int, h: torch.Tensor) -> torch.Tensor:
         h = torch.bmm(h, self.layers[i])
@@ -249,16 +186,36 @@ class DenseMLP(nn.Module):
             h = self.layer(i, h)
             if i < len(self.layers) - 1:
                 h = torch.relu(h)
-        return h  # (K, n, n_out)
+        return h  # (K, n, n_out) logits
 
     def hidden(self, x: torch.Tensor) -> torch.Tensor:
         """The first hidden layer's activations, (K, n, width) (progress measures)."""
         return torch.relu(self.layer(0, self.inputs(x)))
 
 
+def token_mlp(vocab: int, n_tokens: int, d_embed: int, widths: list[int], n_out: int, init_scales, seeds,
+              weak: torch.Tensor | None = None, embed: nn.Module | None = None) -> MLP:
+    """Build K members. Member k draws all its weights from Generator(seeds[k]): embedding, then layers.
+
+    With `weak` given, the embedding is factored_embedding(A = weak, B random) instead of a plain table.
+    With `embed` given (a module whose table() is (K, vocab, d_embed)), it is used as is, nothing drawn.
+    """
+    K = len(seeds)
+    scales = _per_member(init_scales, K)
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    if embed is None and weak is None:
+        embed = Embedding(torch.stack([embedding_init(g, (vocab, d_embed), c) for g, c in zip(gens, scales)]))
+    elif embed is None:  # B has its own seed stream: the layers draw the same with or without transfer
+        embed = factored_embedding(weak, vocab, d_embed, scales, [s + 10_000_019 for s in seeds])
+    sizes = [n_tokens * d_embed, *widths, n_out]
+    weights = [torch.stack([linear_init(g, i, (i, o), c) for g, c in zip(gens, scales)])
+               for i, o in zip(sizes[:-1], sizes[1:])]
+    return MLP(embed, weights)
+
+
 def dense_mlp(d_in: int, d_embed: int | None, widths: list[int], n_out: int, init_scales, seeds,
-              weak: torch.Tensor | None = None, embed_act: bool = False, bias: bool = False) -> DenseMLP:
-    """Build K DenseMLP members, member k from Generator(seeds[k]) (embedding first, then layers).
+              weak: torch.Tensor | None = None, embed_act: bool = False, bias: bool = False) -> MLP:
+    """Build K MLP members on dense inputs, member k from Generator(seeds[k]): embedding, then layers.
 
     d_embed None: no embedding, layers d_in -> widths -> n_out. Otherwise a linear embedding d_in ->
     d_embed, drawn like a default nn.Linear(d_in, d_embed) times init_scale (a dense input needs the
@@ -282,7 +239,7 @@ def dense_mlp(d_in: int, d_embed: int | None, widths: list[int], n_out: int, ini
                for i, o in zip(sizes[:-1], sizes[1:])]
     biases = [torch.stack([linear_init(g, i, (1, o), c) for g, c in zip(gens, scales)])
               for i, o in zip(sizes[:-1], sizes[1:])] if bias else None
-    return DenseMLP(embed, weights, embed_act, biases)
+    return MLP(embed, weights, embed_act, biases)
 
 
 # =============================================================================
@@ -409,56 +366,19 @@ def accuracy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (logits.argmax(-1) == y).float().mean(1)
 
 
-def mse_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Squared error against one-hot labels, mean over points and classes (Liu et al.'s MNIST loss)."""
-    target = F.one_hot(y, logits.shape[-1]).to(logits.dtype)
-    return (logits.float() - target).pow(2).mean((1, 2))
-
-
-def logistic_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Binary labels y = ±1 (n,), one logit per point (K, n, 1): mean log(1 + exp(-y f)) per member."""
-    return F.softplus(-y * logits.squeeze(-1).float()).mean(1)
-
-
-def sign_accuracy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Fraction with sign(f) == y (f = 0 counts as wrong)."""
-    return (torch.sign(logits.squeeze(-1)) == y).float().mean(1)
-
-
 # =============================================================================
 # 4. Optimizer: AdamW on stacked parameters with per-member lr and weight decay. Same arithmetic as
 # torch.optim.AdamW (single-tensor path):
 # p *= 1 - lr*wd; m, v moments; p -= lr/bc1 * m/(sqrt(v)/sqrt(bc2)+eps)
 
 
-class GrokFast:
-    """Lee et al. (2024)'s EMA gradient filter ("Grokfast-EMA"), applied after backward and before
-    the optimizer step: h <- alpha h + (1 - alpha) g, then g <- g + lamb h, per parameter tensor.
-    h starts as the first gradient (as in Lee et al.'s code), so step 1 gives g + lamb g.
-    The state h is per member like every parameter (leading dimension K)."""
-
-    def __init__(self, alpha: float = 0.98, lamb: float = 2.0):
-        if not 0 <= alpha < 1 or lamb < 0:
-            raise ConfigError(f"GrokFast needs 0 <= alpha < 1 and lamb >= 0; got alpha {alpha}, lamb {lamb}")
-        self.alpha, self.lamb = alpha, lamb
-        self.h: list[torch.Tensor] | None = None
-
-    @torch.no_grad()
-    def apply(self, params: list[torch.Tensor]):
-        grads = [p.grad for p in params]
-        if self.h is None:
-            self.h = [g.detach().clone() for g in grads]
-        else:
-            for h, g in zip(self.h, grads):
-                h.lerp_(g, 1 - self.alpha)  # alpha h + (1 - alpha) g
-        for h, g in zip(self.h, grads):
-            g.add_(h, alpha=self.lamb)
-
-
 class AdamW:
-    def __init__(self, params, lr, wd, betas=(0.9, 0.999), eps=1e-8, grokfast: GrokFast | None = None):
+    """grad_filter: changes the gradients in place before every step (exp_transformer's GrokFast); its
+    per-member state is the list of tensors `grad_filter.h` (leading dimension K; None before step 1)."""
+
+    def __init__(self, params, lr, wd, betas=(0.9, 0.999), eps=1e-8, grad_filter=None):
         self.params = [p for p in params]
-        self.grokfast = grokfast  # filters the gradients at the start of every step
+        self.grad_filter = grad_filter
         K = self.params[0].shape[0]
         dev = self.params[0].device
         self.lr = torch.tensor(_per_member(lr, K), device=dev)  # (K,)
@@ -474,8 +394,8 @@ class AdamW:
         self.step_count += 1
         b1, b2 = self.betas
         bc1, bc2_sqrt = 1 - b1 ** self.step_count, math.sqrt(1 - b2 ** self.step_count)
-        if self.grokfast is not None:
-            self.grokfast.apply(self.params)
+        if self.grad_filter is not None:
+            self.grad_filter.apply(self.params)
         for p, m, v in zip(self.params, self.m, self.v):
             shape = (-1,) + (1,) * (p.dim() - 1)
             lr, wd = self.lr.view(shape), self.wd.view(shape)
@@ -508,7 +428,7 @@ LOG_SECONDS = 60.0  # without a terminal, a log line at least this often (at the
 def train(model, data, *, epochs: int, lr=0.0, wd=0.0, betas=(0.9, 0.999), eps=1e-8, eval_every: int = 10,
           stop_at: float | None = None, loss_fn=None, acc_fn=None, desc: str = "train", quiet: bool = False,
           precision: str = "float32", compact: bool = False, ckpt: Checkpoint | None = None,
-          grokfast: tuple[float, float] | None = None, tracker: Tracker | None = None,
+          grad_filter=None, tracker: Tracker | None = None,
           step=None, evaluate_fn=None) -> dict:
     """Full-batch AdamW on the K members of `model` for `epochs` epochs; returns the phase's history.
 
@@ -520,7 +440,7 @@ def train(model, data, *, epochs: int, lr=0.0, wd=0.0, betas=(0.9, 0.999), eps=1
     rows then repeat their last values. ckpt: save everything every ckpt.every epochs and at the end;
     with ckpt.resume continue from it. Ctrl-C or SIGTERM: checkpoint at the end of the current step,
     write the metrics so far (ckpt.on_interrupt), exit 130 / 143 with the command that resumes.
-    grokfast: (alpha, lamb) filters every gradient before the AdamW step. tracker: progress measures,
+    grad_filter: changes every gradient before the AdamW step (AdamW). tracker: progress measures,
     history["tracked"] = {"epochs": (T,), name: (T, K)}.
     step, evaluate_fn: a loop of the script's own (exp_xor's analytic gradient descent): `model` is then
     the dict of tensors that step() updates (what a checkpoint holds), evaluate_fn() -> (K, 5).
@@ -532,7 +452,7 @@ def train(model, data, *, epochs: int, lr=0.0, wd=0.0, betas=(0.9, 0.999), eps=1
     opt = None
     if step is None:  # the usual case: AdamW on the model's parameters
         loss_fn, acc_fn = loss_fn or cross_entropy, acc_fn or accuracy
-        opt = AdamW(model.parameters(), lr, wd, betas, eps, GrokFast(*grokfast) if grokfast else None)
+        opt = AdamW(model.parameters(), lr, wd, betas, eps, grad_filter)
         step = functools.partial(adamw_step, model, opt, data["x_train"], data["y_train"], loss_fn)
         evaluate_fn = functools.partial(evaluate, model, data, loss_fn, acc_fn)
     ph = Phase(model, epochs, eval_every, stop_at, compact, tracker, desc)
@@ -671,13 +591,13 @@ def keep_members(model, opt, keep: torch.Tensor):
         for name, p in list(module._parameters.items()):
             if p is not None:
                 new[id(p)] = module._parameters[name] = nn.Parameter(p.detach()[keep])
-        if isinstance(module, FixedEmbedding):
+        if hasattr(module, "members"):  # a shared table read by every member (exp_modular's FixedEmbedding)
             module.members = len(keep)
     opt.params = [new[id(p)] for p in opt.params]
     opt.m, opt.v = [m[keep] for m in opt.m], [v[keep] for v in opt.v]
     opt.lr, opt.wd, opt.active = opt.lr[keep], opt.wd[keep], opt.active[keep]
-    if opt.grokfast is not None and opt.grokfast.h is not None:
-        opt.grokfast.h = [h[keep] for h in opt.grokfast.h]
+    if opt.grad_filter is not None and opt.grad_filter.h is not None:
+        opt.grad_filter.h = [h[keep] for h in opt.grad_filter.h]
 
 
 # =============================================================================
@@ -687,9 +607,9 @@ def keep_members(model, opt, keep: torch.Tensor):
 def pack(ph: Phase, model, opt, done: bool) -> dict:
     """A checkpoint: model (or the step's tensors), optimizer, the phase's record so far, RNG states."""
     weights = model.state_dict() if isinstance(model, nn.Module) else dict(model)
+    gf = opt.grad_filter.h if opt is not None and opt.grad_filter is not None else None
     state = None if opt is None else dict(m=opt.m, v=opt.v, step_count=opt.step_count, lr=opt.lr, wd=opt.wd,
-                                          active=opt.active, all_active=opt.all_active,
-                                          grokfast=opt.grokfast.h if opt.grokfast is not None else None)
+                                          active=opt.active, all_active=opt.all_active, grad_filter=gf)
     rng = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(),
                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
     return dict(done=done, epoch=ph.epoch, model=weights, alive=ph.alive, last_row=ph.last_row, opt=state,
@@ -711,8 +631,8 @@ def restore(ph: Phase, saved: dict, model, opt):
         opt.m, opt.v = [t.to(dev) for t in o["m"]], [t.to(dev) for t in o["v"]]
         opt.step_count, opt.all_active = o["step_count"], o["all_active"]
         opt.lr, opt.wd, opt.active = o["lr"].to(dev), o["wd"].to(dev), o["active"].to(dev)
-        if opt.grokfast is not None and o["grokfast"] is not None:
-            opt.grokfast.h = [t.to(dev) for t in o["grokfast"]]
+        if opt.grad_filter is not None and o["grad_filter"] is not None:
+            opt.grad_filter.h = [t.to(dev) for t in o["grad_filter"]]
     ph.last_row[:] = saved["last_row"]
     ph.rows, ph.epochs_logged, ph.compute_s = list(h["metrics"]), list(h["epochs"]), list(h["compute_s"])
     ph.tracked = {k: list(v) for k, v in h.get("tracked", {"epochs": []}).items()}
@@ -1151,6 +1071,9 @@ def _base_type(tp):
     return tp, False
 
 
+_BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
 def _coerce(key, value, tp, choices):
     """Convert one raw value (from YAML or the command line) to the field's type, or raise."""
     base, optional = _base_type(tp)
@@ -1166,32 +1089,21 @@ def _coerce(key, value, tp, choices):
     want = getattr(base, "__name__", str(base))
     try:
         if base is bool:
-            if isinstance(value, bool):
-                out = value
-            elif isinstance(value, str) and value.lower() in ("true", "1", "yes"):
-                out = True
-            elif isinstance(value, str) and value.lower() in ("false", "0", "no"):
-                out = False
-            else:
-                raise ValueError
-        elif base is int:
+            out = value if isinstance(value, bool) else _BOOLS[value.lower()]
+        elif base in (int, float):
             if isinstance(value, bool):
                 raise ValueError
-            f = float(value)  # accepts "10000" and "1e4"
-            if not f.is_integer():
+            out = float(value)  # "1e4" and "1e-3" too (YAML 1.1 reads 1e-3 as a string)
+            if base is int and not out.is_integer():
                 raise ValueError
-            out = int(f)
-        elif base is float:
-            if isinstance(value, bool):
-                raise ValueError
-            out = float(value)  # YAML 1.1 reads 1e-3 as a string; float() takes it
+            out = int(out) if base is int else out
         elif base is str:
             if not isinstance(value, (str, int, float)) or isinstance(value, bool):
                 raise ValueError
             out = str(value)
         else:
             raise ConfigError(f"config key '{key}' has an unsupported type {tp}")
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, KeyError, AttributeError):
         raise ConfigError(f"config key '{key}' expects {want}{' or none' if optional else ''}, "
                           f"got {value!r}") from None
     if isinstance(out, float) and not math.isfinite(out):
@@ -1945,7 +1857,8 @@ def save_figure(fig, out, dpi: int = 120) -> Path:
 
 
 PHASE_TITLES = {"weak": "weak model", "groktransfer": "target via GrokTransfer",
-                "scratch": "target from scratch", "grokfast": "target via GrokFast"}
+                "scratch": "target from scratch", "grokfast": "target via GrokFast",
+                "random_ab": "target, A and B both random"}
 
 
 def panel_note(epochs, metrics) -> str:

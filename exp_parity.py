@@ -22,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 import common
 from common import ConfigError
@@ -135,7 +136,17 @@ def transfer(weak_model) -> torch.Tensor:
     return weak_model.layers[0].detach().cpu()
 
 
-LOSS = dict(loss_fn=common.logistic_loss, acc_fn=common.sign_accuracy)
+def logistic_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Binary labels y = ±1 (n,), one logit per point (K, n, 1): mean log(1 + exp(-y f)) per member."""
+    return F.softplus(-y * logits.squeeze(-1).float()).mean(1)
+
+
+def sign_accuracy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Fraction with sign(f) == y (f = 0 counts as wrong)."""
+    return (torch.sign(logits.squeeze(-1)) == y).float().mean(1)
+
+
+LOSS = dict(loss_fn=logistic_loss, acc_fn=sign_accuracy)
 
 
 # =============================================================================

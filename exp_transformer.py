@@ -8,7 +8,9 @@ Trains, in order, on one fixed data split (the modular tasks: exp_modular's data
                    embedding A @ B, B (4 x d_model) random, both trainable;
   3. scratch:      the same transformer with a plain token embedding;
   4. grokfast:     the same transformer from scratch with Lee et al.'s EMA gradient filter
-                   (common.GrokFast) before every AdamW step;
+                   (GrokFast below) before every AdamW step;
+  5. random_ab:    (Fig 15(a), not run by default) GrokTransfer's target with A random instead of the
+                   weak embedding: is the low-rank A @ B alone the gain?
 then prints Table 1: the training time (forward, backward and optimizer steps; evaluation excluded)
 of each phase until it first reaches 99% test accuracy (the weak phase: until it reaches transfer_at),
 with the device named. Writes runs/transformer/<name>/: config.yaml, metrics.csv, summary.json
@@ -39,7 +41,7 @@ import common
 from common import ConfigError
 
 OPS = ("add", "sub", "mul", "div", "parity")
-PHASES = ("weak", "groktransfer", "scratch", "grokfast")
+PHASES = ("weak", "groktransfer", "scratch", "grokfast", "random_ab")
 
 # (init scale, lr, wd) of each target phase when the config leaves them as none.
 # modular: appendix A.3.3, Fig 6(a) (8 layers): GT (0.7, 1e-3, 1), scratch (0.4, 5e-4, 1); GrokFast
@@ -128,7 +130,7 @@ def check(cfg: Config):
     if cfg.op == "parity":
         if cfg.k > cfg.q:
             raise ConfigError(f"k must be <= q, got k = {cfg.k}, q = {cfg.q}")
-        if set(phases) & {"weak", "groktransfer"}:
+        if set(phases) & {"weak", "groktransfer", "random_ab"}:
             raise ConfigError("op 'parity' runs the phases scratch and grokfast only (no token embedding to transfer)")
     else:
         check_task(cfg.op, cfg.p, cfg.train_frac)
@@ -212,6 +214,37 @@ def weak_model(cfg, seeds, device):
 def transfer(weak_model) -> torch.Tensor:
     """GrokTransfer's step: the weak FNN's token embedding (K, p, d_W) becomes A in the transformer's A @ B."""
     return weak_model.embed.weight.detach().cpu()
+
+
+class GrokFast:
+    """Lee et al. (2024)'s EMA gradient filter ("Grokfast-EMA"), applied after backward and before
+    the optimizer step: h <- alpha h + (1 - alpha) g, then g <- g + lamb h, per parameter tensor.
+    h starts as the first gradient (as in Lee et al.'s code), so step 1 gives g + lamb g.
+    The state h is per member like every parameter (leading dimension K)."""
+
+    def __init__(self, alpha: float = 0.98, lamb: float = 2.0):
+        if not 0 <= alpha < 1 or lamb < 0:
+            raise ConfigError(f"GrokFast needs 0 <= alpha < 1 and lamb >= 0; got alpha {alpha}, lamb {lamb}")
+        self.alpha, self.lamb = alpha, lamb
+        self.h: list[torch.Tensor] | None = None
+
+    @torch.no_grad()
+    def apply(self, params: list[torch.Tensor]):
+        grads = [p.grad for p in params]
+        if self.h is None:
+            self.h = [g.detach().clone() for g in grads]
+        else:
+            for h, g in zip(self.h, grads):
+                h.lerp_(g, 1 - self.alpha)  # alpha h + (1 - alpha) g
+        for h, g in zip(self.h, grads):
+            g.add_(h, alpha=self.lamb)
+
+
+def random_a(cfg, seeds) -> torch.Tensor:
+    """Fig 15(a)'s control: A random instead of the weak embedding, drawn like a d_W-dim nn.Embedding,
+    N(0, 1), times GrokTransfer's init scale (as exp_modular.py's low_rank study), one per member."""
+    return torch.stack([common.embedding_init(torch.Generator().manual_seed(s + 7), (cfg.p, cfg.weak_d_embed),
+                                              cfg.gt_init_scale) for s in seeds])
 
 
 def vocab_ctx_out(cfg) -> tuple[int, int, int]:
@@ -299,16 +332,17 @@ def main(argv=None):
 
     # 2-4. the transformer: GrokTransfer (token embedding A @ B), from scratch, and with GrokFast
     for phase in [ph for ph in phases if ph != "weak"]:
-        prefix = "gt" if phase == "groktransfer" else phase
+        prefix = "gt" if phase in ("groktransfer", "random_ab") else phase
         init, lr, wd = (getattr(cfg, f"{prefix}_{key}") for key in ("init_scale", "lr", "wd"))
-        model = target_model(cfg, seeds, init, device, weak=weak if phase == "groktransfer" else None)
+        A = weak if phase == "groktransfer" else random_a(cfg, seeds) if phase == "random_ab" else None
+        model = target_model(cfg, seeds, init, device, weak=A)
         n = min(cfg.probe_size, n_train)
         tracker = common.Tracker(model, data["x_train"][:n], data["y_train"][:n], cfg.track, cfg.track_every,
                                  n_out) if cfg.track else None
         betas = (cfg.beta1, cfg.grokfast_beta2 if phase == "grokfast" and cfg.grokfast_beta2 is not None else cfg.beta2)
         hist = common.train(model, data, epochs=cfg.epochs, lr=lr, wd=wd, stop_at=cfg.stop_at, desc=phase,
                             ckpt=record.checkpoint(phase), tracker=tracker, **dict(opt, betas=betas),
-                            grokfast=(cfg.grokfast_alpha, cfg.grokfast_lamb) if phase == "grokfast" else None)
+                            grad_filter=GrokFast(cfg.grokfast_alpha, cfg.grokfast_lamb) if phase == "grokfast" else None)
         record.phase_done(phase, hist, model)
 
     record.summary["table1"] = table1(record.summary, header["device"])

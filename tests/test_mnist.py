@@ -96,6 +96,33 @@ def test_lazy_model_is_zero_at_init_and_scales_its_change_by_alpha():
     assert out.abs().sum() > 0
 
 
+def test_gd_step_with_the_alpha_squared_rule_moves_f_tilde_alike_for_every_alpha():
+    """One gradient-descent step at lr = lr0 / alpha^2 changes f~ = alpha (f - f_0) by the same amount
+    for every alpha, to first order in lr0 (Kumar et al.'s reason for the rule); one lr for all does not.
+    In float64: at float32 the alpha-10 member's f - f_0 is mostly rounding."""
+    cfg = em.Config(width=16)
+    alphas = [0.1, 1.0, 10.0]
+
+    def step(lr):
+        lazy = em.Lazy(em.target_model(cfg, [0] * 3, 1.0, "cpu"), alphas)
+        em.gd_step(lazy, torch.tensor(lr), lazy.initial(x), x, y, em.mse_loss)
+        out = lazy(x).detach()  # (3, 20, 10)
+        return [float((out[k] - out[1]).norm() / out[1].norm()) for k in (0, 2)], out
+
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        g = torch.Generator().manual_seed(0)
+        x, y = torch.rand(20, 784, generator=g), torch.randint(0, 10, (20,), generator=g)
+        (d0, d2), out = step([1e-5 / a ** 2 for a in alphas])  # small: no ReLU changes sign
+        same_lr, _ = step([1e-5] * 3)
+    finally:
+        torch.set_default_dtype(default)
+    assert out.abs().max() > 1e-7  # the step moved f~
+    assert d0 < 1e-3 and d2 < 1e-3, (d0, d2)
+    assert min(same_lr) > 0.5, same_lr  # without the rule, f~ moves alpha^2 times as much
+
+
 def test_smoke_run_offline(idx_dir, tmp_path):
     out = tmp_path / "run"
     r = run_script("--config", str(SMOKE), "--data_dir", str(idx_dir), "--out", str(out))
@@ -111,6 +138,11 @@ def test_smoke_run_offline(idx_dir, tmp_path):
     assert r.returncode == 0, r.stderr
     s = json.loads((tmp_path / "a" / "summary.json").read_text())
     assert len(s["phases"]["alpha"]["members"]) == 3 and (tmp_path / "a" / "study_alpha.png").is_file()
+    r = run_script("--config", str(SMOKE), "--data_dir", str(idx_dir), "--study", "alpha", "--alpha_optimizer", "gd",
+                   "--gd_lr", "1e-4", "--alphas", "0.1,1,10", "--out", str(tmp_path / "gd"))
+    assert r.returncode == 0, r.stderr
+    gd = json.loads((tmp_path / "gd" / "summary.json").read_text())["phases"]["alpha"]["members"]
+    assert all(m["final_train_acc"] > 0.5 for m in gd), gd  # gradient descent at lr0 / alpha^2 trains every alpha
 
 
 def test_mnist_grid_runs_offline(idx_dir, tmp_path):

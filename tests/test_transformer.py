@@ -1,4 +1,4 @@
-"""common.Transformer, common.GrokFast and exp_transformer.py: shapes, the causal mask, attention against
+"""common.Transformer, exp_transformer.GrokFast and exp_transformer.py: shapes, the causal mask, attention against
 a hand-written one, the GrokFast filter against a hand computation, resume with GrokFast state, and a
 smoke run as a user would run it."""
 import json
@@ -101,7 +101,7 @@ def test_init_scale_scales_every_parameter_and_factored_embedding_trains_A():
 def test_grokfast_filter_two_steps_by_hand():
     """h starts as the first gradient; then h = alpha h + (1 - alpha) g; the step uses g + lamb h."""
     p = torch.nn.Parameter(torch.zeros(1, 2))
-    f = common.GrokFast(alpha=0.9, lamb=2.0)
+    f = et.GrokFast(alpha=0.9, lamb=2.0)
     p.grad = torch.tensor([[1.0, -2.0]])
     f.apply([p])
     torch.testing.assert_close(p.grad, torch.tensor([[3.0, -6.0]]))  # g1 + 2 g1
@@ -111,7 +111,7 @@ def test_grokfast_filter_two_steps_by_hand():
     torch.testing.assert_close(f.h[0], h2)
     torch.testing.assert_close(p.grad, torch.tensor([[4.0, 0.0]]) + 2 * h2)  # [6.6, -3.6]
     with pytest.raises(common.ConfigError):
-        common.GrokFast(alpha=1.0)
+        et.GrokFast(alpha=1.0)
 
 
 def test_train_with_grokfast_changes_the_path_and_lamb_0_does_not():
@@ -120,7 +120,8 @@ def test_train_with_grokfast_changes_the_path_and_lamb_0_does_not():
     for name, gf in [("plain", None), ("lamb0", (0.98, 0.0)), ("grokfast", (0.98, 2.0))]:
         model = common.transformer(11, 2, 11, n_layers=1, d_model=16, d_mlp=32, n_heads=2, d_head=8,
                                    init_scales=1.0, seeds=[0])
-        runs[name] = common.train(model, data, epochs=30, lr=1e-3, wd=0.1, eval_every=10, quiet=True, grokfast=gf)
+        runs[name] = common.train(model, data, epochs=30, lr=1e-3, wd=0.1, eval_every=10, quiet=True,
+                                  grad_filter=et.GrokFast(*gf) if gf else None)
     np.testing.assert_allclose(runs["plain"]["metrics"], runs["lamb0"]["metrics"], rtol=1e-5)
     assert not np.allclose(runs["plain"]["metrics"][-1], runs["grokfast"]["metrics"][-1])
 
@@ -132,16 +133,17 @@ def test_resume_with_grokfast_equals_one_straight_run(tmp_path):
     def model():
         return common.transformer(11, 2, 11, n_layers=1, d_model=16, d_mlp=32, n_heads=2, d_head=8,
                                   init_scales=1.0, seeds=[0, 1])
-    kw = dict(lr=3e-3, wd=0.1, eval_every=5, quiet=True, grokfast=(0.9, 2.0))
-    straight = common.train(model(), data, epochs=20, **kw)
+    kw = dict(lr=3e-3, wd=0.1, eval_every=5, quiet=True)
+    straight = common.train(model(), data, epochs=20, grad_filter=et.GrokFast(0.9, 2.0), **kw)
     class FirstOnly(common.Checkpoint):  # keeps the epoch-10 checkpoint, as if the run died after it
         def save(self, state):
             if not self.path.exists():
                 super().save(state)
-    common.train(model(), data, epochs=20, ckpt=FirstOnly(tmp_path / "ck.pt", every=10), **kw)
+    common.train(model(), data, epochs=20, ckpt=FirstOnly(tmp_path / "ck.pt", every=10),
+                 grad_filter=et.GrokFast(0.9, 2.0), **kw)
     ck = common.Checkpoint(tmp_path / "ck.pt", every=10, resume=True)
-    assert ck.load()["epoch"] == 10 and ck.load()["opt"]["grokfast"] is not None
-    resumed = common.train(model(), data, epochs=20, ckpt=ck, **kw)
+    assert ck.load()["epoch"] == 10 and ck.load()["opt"]["grad_filter"] is not None
+    resumed = common.train(model(), data, epochs=20, ckpt=ck, grad_filter=et.GrokFast(0.9, 2.0), **kw)
     np.testing.assert_array_equal(straight["epochs"], resumed["epochs"])
     np.testing.assert_allclose(straight["metrics"], resumed["metrics"], rtol=1e-6)
     assert len(resumed["compute_s"]) == len(resumed["epochs"]) and np.all(np.diff(resumed["compute_s"]) >= 0)
