@@ -101,7 +101,7 @@ class Config:
     # The alpha study's optimiser: adamw (scratch_lr, scratch_wd as lr0, wd0) or gd, plain full-batch
     # gradient descent, p -= lr grad, no weight decay: the dynamics the alpha^2 rule is derived for.
     alpha_optimizer: str = "adamw"  # adamw or gd
-    gd_lr: float = 1e-5  # gd: lr0 at alpha 1 (lr = gd_lr / alpha^q); ours, see RESULTS.md, "Laziness"
+    gd_lr: float = 1e-4  # gd: lr0 (lr = gd_lr / alpha^q); ours: the largest stable at alpha 1, init 8 (RESULTS.md)
     alpha: float = 1.0  # for the scratch phase of the default run
     study: str = "none"  # none, alpha, init_scale
     alphas: list[float] = field(default_factory=lambda: [1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0])  # --study alpha: one member per alpha

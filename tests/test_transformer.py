@@ -194,6 +194,24 @@ def test_smoke_run_writes_every_phase_and_table1(tmp_path):
     assert (run / "dynamics.png").stat().st_size > 10_000 and "Table 1" in r.stdout
 
 
+def test_random_ab_control_draws_its_own_a_per_seed_and_trains_it(tmp_path):
+    """Fig 15(a)'s control: A is N(0, 1) times GrokTransfer's init scale, one draw per seed, not the weak
+    embedding; the phase runs without a weak model and trains both factors."""
+    cfg = et.resolve(et.Config(p=113, gt_init_scale=0.6))
+    A = et.random_a(cfg, [0, 1])
+    assert A.shape == (2, 113, 4) and not torch.equal(A[0], A[1])
+    assert torch.equal(et.random_a(cfg, [0])[0], A[0])  # member 0's draw does not depend on the others
+    assert float(A.std()) == pytest.approx(0.6, rel=0.1)
+    run = tmp_path / "run"
+    r = subprocess.run([sys.executable, str(ROOT / "exp_transformer.py"), "--config", str(SMOKE), "--out", str(run),
+                        "--phases", "random_ab", "--epochs", "20"], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert list(json.loads((run / "summary.json").read_text())["phases"]) == ["random_ab"]
+    final = torch.load(run / "models.pt")["random_ab"]
+    smoke = et.resolve(et.Config(p=23, gt_init_scale=1.0))
+    assert final["embed.A"].shape == (1, 23, 4) and not torch.equal(final["embed.A"], et.random_a(smoke, [0]))
+
+
 def test_parity_task_runs_the_transformer_on_bit_tokens(tmp_path):
     run = tmp_path / "run"
     r = subprocess.run([sys.executable, str(ROOT / "exp_transformer.py"), "--config", str(SMOKE), "--op", "parity",
