@@ -700,7 +700,10 @@ def precision_context(precision: str, device: torch.device):
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == "tf32"
     try:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        # cache_enabled=False: autocast keeps the bf16 copy of each weight until its region exits, and this
+        # region spans the whole phase; with the cache every step would compute with the initial weights
+        bf16 = precision == "bf16"
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=False):
             yield
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved

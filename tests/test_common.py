@@ -467,3 +467,37 @@ def test_run_files_get_the_mode_the_umask_gives(tmp_path, umask, mode):
         os.umask(old)
     for name in ("metrics.csv", "summary.json"):
         assert (tmp_path / name).stat().st_mode & 0o777 == mode
+
+
+def test_grid_out_of_memory_halves_the_batch_and_finishes(capsys):
+    """A CUDA out-of-memory error in a grid batch halves K and retries that batch; every point ends in the
+    table, as trained without the error. The error is raised by `build` for batches above 3 members."""
+    sizes = []
+
+    def build(scales):
+        sizes.append(len(scales))
+        if len(scales) > 3:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return common.token_mlp(13, 2, 4, [32], 13, scales, [0] * len(scales))
+
+    data = _data()
+    data = dict(data, x_test=data["x_train"], y_test=data["y_train"])
+    points = common.grid_points([1.0, 0.5], [3e-2, 1e-4, 1e30], [0.0])
+    rows, K = common.run_grid(points, build, data, epochs=150, threshold=0.9, eval_every=5, members=6)
+    assert sizes == [6, 3, 3] and K == 3 and "retrying with 3 members" in capsys.readouterr().err
+    expected, _ = _tiny_grid(members=3)  # the batches it fell back to, run without the error
+    assert rows == expected
+
+
+def test_bf16_phase_trains_like_float32():
+    """bf16 autocasts the forward pass of a whole phase. Autocast caches each weight's bf16 copy until
+    its region exits, which would freeze the forward pass at the initial weights: the cache is off."""
+    data = _data(23)
+    final = {}
+    for precision in ("float32", "bf16"):
+        model = common.token_mlp(23, 2, 8, [32], 23, 1.0, [0])
+        h = common.train(model, data, epochs=100, lr=1e-2, wd=0.1, eval_every=10, quiet=True, precision=precision)
+        final[precision] = h["metrics"][-1, 0]
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert final["bf16"][common.TRAIN_ACC] > 0.9  # with the cache: 7% (the loss stays near log 23)
+    assert final["bf16"][common.TRAIN_LOSS] < 1.5 * final["float32"][common.TRAIN_LOSS]
