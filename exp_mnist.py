@@ -259,20 +259,23 @@ class Lazy(nn.Module):
         self.frozen = [{k: v.detach().clone() for k, v in model.state_dict().items()}]  # a list: not registered
         K = common.n_members(model)
         self.register_buffer("alpha", torch.tensor(common._per_member(alpha, K)).view(K, 1, 1).to(next(model.parameters()).device))
+        self._f0 = None  # (input, f_0(input)) of the last input
 
     @torch.no_grad()
     def initial(self, x):
-        """f_0(x): the model at initialisation."""
-        return torch.func.functional_call(self.model, self.frozen[0], (x,))
+        """f_0(x), the model at initialisation. The last input's value is kept: the training set, the same
+        tensor at every step, costs its f_0 pass once instead of once per step."""
+        if self._f0 is None or self._f0[0] is not x:
+            self._f0 = (x, torch.func.functional_call(self.model, self.frozen[0], (x,)))
+        return self._f0[1]
 
-    def forward(self, x, f0=None):
-        return self.alpha * (self.model(x) - (self.initial(x) if f0 is None else f0))
+    def forward(self, x):
+        return self.alpha * (self.model(x) - self.initial(x))
 
 
-def gd_step(model, lr, f0, x, y, loss_fn):
-    """One step of full-batch gradient descent, p -= lr_k grad_k for member k (lr: (K,)); f0 = f_0(x)
-    computed once (the training set does not change), so a step costs one forward and one backward."""
-    loss = loss_fn(model(x, f0), y)  # (K,)
+def gd_step(model, lr, x, y, loss_fn):
+    """One step of full-batch gradient descent, p -= lr_k grad_k for member k (lr: (K,))."""
+    loss = loss_fn(model(x), y)  # (K,)
     model.zero_grad(set_to_none=True)
     loss.float().sum().backward()
     with torch.no_grad():
@@ -374,8 +377,7 @@ def study(cfg, run, data, device, record, opt):
         q = cfg.alpha_lr_power
         if cfg.alpha_optimizer == "gd":
             lr = torch.tensor([cfg.gd_lr / a ** q for a in cfg.alphas], device=device)
-            f0_train = model.initial(data["x_train"])  # f_0 on the training set, once
-            gd = dict(step=lambda: gd_step(model, lr, f0_train, data["x_train"], data["y_train"], opt["loss_fn"]),
+            gd = dict(step=lambda: gd_step(model, lr, data["x_train"], data["y_train"], opt["loss_fn"]),
                       evaluate_fn=lambda: common.evaluate(model, data, opt["loss_fn"], opt["acc_fn"]))
             hist = common.train(model, data, epochs=cfg.study_epochs, desc="alpha", ckpt=record.checkpoint("alpha"),
                                 **gd, **opt)

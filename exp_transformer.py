@@ -110,7 +110,7 @@ class Config:
     track_every: int = 100  # a multiple of eval_every
     probe_size: int = 64  # one backward pass per probe point and measurement
     # --- runtime
-    phases: str = "weak,groktransfer,scratch"  # which phases to run, in this order (of weak, groktransfer, scratch, grokfast, random_ab)
+    phases: str = "weak,groktransfer,scratch"  # in this order; of weak, groktransfer, scratch, grokfast, random_ab
     seed: int = 0
     seeds: int = 1  # seeds as members of one run: mean and min-max band per phase
     device: str = "auto"

@@ -105,7 +105,7 @@ def test_gd_step_with_the_alpha_squared_rule_moves_f_tilde_alike_for_every_alpha
 
     def step(lr):
         lazy = em.Lazy(em.target_model(cfg, [0] * 3, 1.0, "cpu"), alphas)
-        em.gd_step(lazy, torch.tensor(lr), lazy.initial(x), x, y, em.mse_loss)
+        em.gd_step(lazy, torch.tensor(lr), x, y, em.mse_loss)
         out = lazy(x).detach()  # (3, 20, 10)
         return [float((out[k] - out[1]).norm() / out[1].norm()) for k in (0, 2)], out
 
