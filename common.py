@@ -91,6 +91,17 @@ def embedding_init(gen: torch.Generator, shape, scale: float) -> torch.Tensor:
     return torch.randn(shape, generator=gen) * scale
 
 
+def member_draws(seeds, init_scales) -> list[tuple[torch.Generator, float]]:
+    """(generator, init scale) of each member: member k draws all its weights from Generator(seeds[k])."""
+    scales = _per_member(init_scales, len(seeds))
+    return [(torch.Generator().manual_seed(s), c) for s, c in zip(seeds, scales)]
+
+
+def stacked(init, members, *args) -> torch.Tensor:
+    """(K, ...): init(generator, *args, init_scale) of each member (init: linear_init, embedding_init)."""
+    return torch.stack([init(gen, *args, scale) for gen, scale in members])
+
+
 class Embedding(nn.Module):
     """A plain trainable embedding table per member: weight (K, vocab, d)."""
 
@@ -143,9 +154,7 @@ def factored_embedding(weak: torch.Tensor, vocab: int, d_target: int, init_scale
     if weak.shape[1] != vocab:
         raise ConfigError(f"weak embedding has vocabulary {weak.shape[1]} but the task needs {vocab}")
     r = weak.shape[2]
-    scales = _per_member(init_scales, K)
-    B = torch.stack([linear_init(torch.Generator().manual_seed(s), r, (r, d_target), c)
-                     for s, c in zip(seeds, scales)])
+    B = stacked(linear_init, member_draws(seeds, init_scales), r, (r, d_target))
     return FactoredEmbedding(weak.detach().clone().float(), B)
 
 
@@ -200,17 +209,13 @@ def token_mlp(vocab: int, n_tokens: int, d_embed: int, widths: list[int], n_out:
     With `weak` given, the embedding is factored_embedding(A = weak, B random) instead of a plain table.
     With `embed` given (a module whose table() is (K, vocab, d_embed)), it is used as is, nothing drawn.
     """
-    K = len(seeds)
-    scales = _per_member(init_scales, K)
-    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    members = member_draws(seeds, init_scales)
     if embed is None and weak is None:
-        embed = Embedding(torch.stack([embedding_init(g, (vocab, d_embed), c) for g, c in zip(gens, scales)]))
+        embed = Embedding(stacked(embedding_init, members, (vocab, d_embed)))
     elif embed is None:  # B has its own seed stream: the layers draw the same with or without transfer
-        embed = factored_embedding(weak, vocab, d_embed, scales, [s + 10_000_019 for s in seeds])
+        embed = factored_embedding(weak, vocab, d_embed, init_scales, [s + 10_000_019 for s in seeds])
     sizes = [n_tokens * d_embed, *widths, n_out]
-    weights = [torch.stack([linear_init(g, i, (i, o), c) for g, c in zip(gens, scales)])
-               for i, o in zip(sizes[:-1], sizes[1:])]
-    return MLP(embed, weights)
+    return MLP(embed, [stacked(linear_init, members, i, (i, o)) for i, o in zip(sizes[:-1], sizes[1:])])
 
 
 def dense_mlp(d_in: int, d_embed: int | None, widths: list[int], n_out: int, init_scales, seeds,
@@ -223,22 +228,17 @@ def dense_mlp(d_in: int, d_embed: int | None, widths: list[int], n_out: int, ini
     FactoredEmbedding(A = weak, B random) as in token_mlp. bias: every layer gets a bias, drawn like
     nn.Linear's, U(+-1/sqrt(fan_in)) times init_scale, after all the weights.
     """
-    K = len(seeds)
-    scales = _per_member(init_scales, K)
-    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    members = member_draws(seeds, init_scales)
     embed, first = None, d_in
     if d_embed is not None:
         if weak is None:
-            embed = Embedding(torch.stack([linear_init(g, d_in, (d_in, d_embed), c)
-                                           for g, c in zip(gens, scales)]))
+            embed = Embedding(stacked(linear_init, members, d_in, (d_in, d_embed)))
         else:
-            embed = factored_embedding(weak, d_in, d_embed, scales, [s + 10_000_019 for s in seeds])
+            embed = factored_embedding(weak, d_in, d_embed, init_scales, [s + 10_000_019 for s in seeds])
         first = d_embed
-    sizes = [first, *widths, n_out]
-    weights = [torch.stack([linear_init(g, i, (i, o), c) for g, c in zip(gens, scales)])
-               for i, o in zip(sizes[:-1], sizes[1:])]
-    biases = [torch.stack([linear_init(g, i, (1, o), c) for g, c in zip(gens, scales)])
-              for i, o in zip(sizes[:-1], sizes[1:])] if bias else None
+    shapes = list(zip([first, *widths], [*widths, n_out]))  # (fan_in, fan_out) of each layer
+    weights = [stacked(linear_init, members, i, (i, o)) for i, o in shapes]
+    biases = [stacked(linear_init, members, i, (1, o)) for i, o in shapes] if bias else None
     return MLP(embed, weights, embed_act, biases)
 
 
@@ -305,18 +305,13 @@ def transformer(vocab: int, n_ctx: int, n_out: int, *, n_layers: int, d_model: i
     layer_norm: pre-LN blocks; LayerNorm gains start at 1 and biases at 0 (nn.LayerNorm's default,
     not scaled: init scale multiplies weights).
     """
-    K = len(seeds)
-    scales = _per_member(init_scales, K)
-    gens = [torch.Generator().manual_seed(s) for s in seeds]
-
-    def linear(fan_in, shape):
-        return torch.stack([linear_init(g, fan_in, shape, c) for g, c in zip(gens, scales)])
-
+    K, members = len(seeds), member_draws(seeds, init_scales)
+    linear = functools.partial(stacked, linear_init, members)  # linear(fan_in, shape) -> (K, *shape)
     if weak is None:
-        embed = Embedding(torch.stack([embedding_init(g, (vocab, d_model), c) for g, c in zip(gens, scales)]))
+        embed = Embedding(stacked(embedding_init, members, (vocab, d_model)))
     else:
-        embed = factored_embedding(weak, vocab, d_model, scales, [s + 10_000_019 for s in seeds])
-    pos = torch.stack([embedding_init(g, (n_ctx, d_model), c) for g, c in zip(gens, scales)])
+        embed = factored_embedding(weak, vocab, d_model, init_scales, [s + 10_000_019 for s in seeds])
+    pos = stacked(embedding_init, members, (n_ctx, d_model))
     hd = n_heads * d_head
     blocks = [dict(w_qkv=linear(d_model, (d_model, 3 * hd)), w_o=linear(hd, (hd, d_model)),
                    w_in=linear(d_model, (d_model, d_mlp)), b_in=linear(d_model, (1, d_mlp)),
@@ -1699,9 +1694,6 @@ def merge_grids(dirs: list[str]) -> tuple[list[dict], dict]:
     if missing:
         raise ConfigError(f"the shards hold {len(rows)} of {meta['n_points']} grid points; {missing} missing")
     return sorted(rows, key=lambda r: r["point"]), meta
-
-
-GRID_PHASES = ("groktransfer", "scratch")
 
 
 def check_grid(cfg):
