@@ -18,13 +18,20 @@ Usage:
   python bench.py --device cpu --p 23 --d_embed 16 --width 32 --epochs 20 --Ks 2 4 --out /tmp/b.json
   python bench.py --workload transformer8 --Ks 1   # Fig 6's 8-layer transformer: ms/epoch per precision
   python bench.py --workload transformer2           # Fig 8's 2-layer transformer
+  python bench.py --workload attention              # the attention op alone: fused SDPA vs written out
 The transformer workloads (exp_transformer's models on the same a+b mod 113 data, tokens (a, b)) have
 no plain row: the trainer rows at each precision, K = 1 first. Their forward FLOPs per point come from
 common.transformer_flops (every matmul, attention scores included).
+The attention workload times only the causal self-attention of those two models on their 2-token
+sequences, n_layers x (forward + backward) over the K x n_train sequences of one training epoch: the
+fused kernel (F.scaled_dot_product_attention, what common.Transformer calls) against the same
+softmax(q k^T / sqrt(d_head) + causal mask) v written out as two matmuls (a 2 x 2 score matrix per head).
 The numbers that count come from a GPU; the CPU run exists for the tests and for a quick look.
 """
 from __future__ import annotations
 
+import functools
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -42,12 +49,12 @@ TRANSFORMERS = {  # exp_transformer's shapes: Fig 6 (8 layers) and Fig 8 (2 laye
     "transformer8": dict(n_layers=8, d_model=512, d_mlp=512, n_heads=4, d_head=128),
     "transformer2": dict(n_layers=2, d_model=128, d_mlp=512, n_heads=4, d_head=32),
 }
-WORKLOADS = ("fnn", *TRANSFORMERS)
+WORKLOADS = ("fnn", *TRANSFORMERS, "attention")
 
 
 @dataclass
 class Config:
-    workload: str = "fnn"  # fnn (the plain-loop table), transformer8 (Fig 6) or transformer2 (Fig 8)
+    workload: str = "fnn"  # fnn (the plain-loop table), transformer8 (Fig 6), transformer2 (Fig 8), attention
     p: int = 113  # modulus of the workload (the paper's)
     train_frac: float = 0.25  # 25% of the p^2 pairs train
     d_embed: int = 128  # target embedding dimension
@@ -81,7 +88,8 @@ def check(cfg: Config):
         raise ConfigError(f"Ks must be a non-empty list of positive integers, got {cfg.Ks}")
     bad = [p for p in cfg.precisions if p not in common.PRECISIONS]
     if bad or not cfg.precisions:
-        raise ConfigError(f"precisions must be a non-empty subset of {', '.join(common.PRECISIONS)}; got {cfg.precisions}")
+        raise ConfigError(f"precisions must be a non-empty subset of {', '.join(common.PRECISIONS)}; "
+                          f"got {cfg.precisions}")
     parent = Path(cfg.out).resolve().parent
     if not parent.is_dir() or not os.access(parent, os.W_OK):
         raise ConfigError(f"cannot write {cfg.out}: {parent} is not a writable directory")
@@ -114,7 +122,8 @@ def make_data(p: int, train_frac: float, device) -> dict:
     x, y = torch.stack([a, b], 1), (a + b) % p
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
     tr, te = perm[:round(train_frac * len(y))], perm[round(train_frac * len(y)):]
-    return {k: v.to(device) for k, v in dict(x_train=x[tr], y_train=y[tr], x_test=x[te], y_test=y[te]).items()}
+    split = dict(x_train=x[tr], y_train=y[tr], x_test=x[te], y_test=y[te])
+    return {k: v.to(device) for k, v in split.items()}
 
 
 def plain_loop(cfg, data, epochs, eval_every):
@@ -150,6 +159,52 @@ def trainer_run(cfg, data, epochs, K, precision):
                  precision=precision)
 
 
+def written_attention(q, k, v):
+    """Causal attention written out, softmax(q k^T / sqrt(d_head) + mask) v; q, k, v (B, H, T, d_head)."""
+    T = q.shape[-2]
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (B, H, T, T)
+    future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
+    return scores.masked_fill(future, float("-inf")).softmax(-1) @ v
+
+
+ATTENTION = {"sdpa": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+             "written": written_attention}
+
+
+def attention_run(shape: dict, impl: str, n_seqs: int, precision: str, device, epochs: int):
+    """n_layers x (forward + backward) of one attention implementation per epoch, on n_seqs sequences
+    of 2 tokens: the attention work of one full-batch epoch of the transformer `shape`."""
+    gen, size = torch.Generator().manual_seed(0), (n_seqs, shape["n_heads"], 2, shape["d_head"])
+    q, k, v = (torch.randn(size, generator=gen).to(device).requires_grad_() for _ in range(3))
+    grad = torch.randn(size, generator=gen).to(device)
+    with common.precision_context(precision, device):
+        for _ in range(epochs * shape["n_layers"]):
+            ATTENTION[impl](q, k, v).backward(grad)
+
+
+def attention_table(cfg, device, n_train: int, name: str) -> list[dict]:
+    """Rows per model shape, K and precision: ms per model-epoch of the fused kernel and written out."""
+    rows = []
+    print(f"device {name}  attention of the transformer workloads: {n_train} x K sequences, "
+          f"{cfg.epochs} epochs")
+    print(f"{'model':13s} {'K':>4s} {'precision':>9s} {'sdpa ms':>9s} {'written ms':>10s} "
+          f"{'sdpa/written':>12s}")
+    for model, shape in TRANSFORMERS.items():
+        for K in cfg.Ks:
+            for prec in cfg.precisions:
+                ms = {}
+                for impl in ATTENTION:
+                    run = functools.partial(attention_run, shape, impl, K * n_train, prec, device)
+                    wall, _ = measure(run, cfg, device)
+                    ms[impl] = 1e3 * wall / cfg.epochs / K
+                rows.append(dict(model=model, K=K, precision=prec, sdpa_ms=round(ms["sdpa"], 4),
+                                 written_ms=round(ms["written"], 4),
+                                 sdpa_over_written=round(ms["sdpa"] / ms["written"], 2)))
+                print(f"{model:13s} {K:4d} {prec:>9s} {ms['sdpa']:9.3f} {ms['written']:10.3f} "
+                      f"{ms['sdpa'] / ms['written']:12.2f}", flush=True)
+    return rows
+
+
 def measure(fn, cfg, device):
     """(seconds for cfg.epochs epochs, peak device memory in MiB or None on the CPU)."""
     fn(cfg.warmup)
@@ -170,6 +225,13 @@ def main(argv=None):
     device = common.pick_device(cfg.device)
     data = make_data(cfg.p, cfg.train_frac, device)
     n_train, n_all = len(data["y_train"]), cfg.p ** 2
+    name = str(device) if device.type == "cpu" else torch.cuda.get_device_name(device)
+    if cfg.workload == "attention":
+        rows = attention_table(cfg, device, n_train, name)
+        workload = dict(model="attention", p=cfg.p, n_train=n_train, epochs=cfg.epochs, shapes=TRANSFORMERS)
+        common.save_json(dict(device=name, torch=torch.__version__, workload=workload, rows=rows), cfg.out)
+        print(f"wrote {cfg.out}")
+        return rows
     if cfg.workload == "fnn":
         forward = 2 * (2 * cfg.d_embed * cfg.width + cfg.width * cfg.width + cfg.width * cfg.p)  # per point
         model_text = f"FNN {cfg.d_embed}/{cfg.width}"
@@ -178,15 +240,16 @@ def main(argv=None):
                 ("trainer", 1, "float32", cfg.eval_every, lambda e: trainer_run(cfg, data, e, 1, "float32"))]
     else:
         shape = TRANSFORMERS[cfg.workload]
-        forward = common.transformer_flops(2, shape["n_layers"], shape["d_model"], shape["d_mlp"], shape["n_heads"],
-                                           shape["d_head"], 2, cfg.p, 1) / 3  # per point
+        forward = common.transformer_flops(2, shape["n_layers"], shape["d_model"], shape["d_mlp"],
+                                           shape["n_heads"], shape["d_head"], 2, cfg.p, 1) / 3  # per point
         model_text = f"transformer {shape}"
         runs = [("trainer", 1, prec, cfg.eval_every, lambda e, prec=prec: trainer_run(cfg, data, e, 1, prec))
                 for prec in cfg.precisions]
-    name = str(device) if device.type == "cpu" else torch.cuda.get_device_name(device)
-    print(f"device {name}  workload: add mod {cfg.p}, {n_train} train, {model_text}, {cfg.epochs} timed epochs")
+    print(f"device {name}  workload: add mod {cfg.p}, {n_train} train, {model_text}, "
+          f"{cfg.epochs} timed epochs")
 
-    runs += [("trainer", K, prec, cfg.eval_every, lambda e, K=K, prec=prec: trainer_run(cfg, data, e, K, prec))
+    runs += [("trainer", K, prec, cfg.eval_every, functools.partial(trainer_run, cfg, data, K=K,
+                                                                    precision=prec))
              for K in cfg.Ks for prec in cfg.precisions if cfg.workload == "fnn" or K > 1]
     rows, ref_ms = [], None
     print(f"{'loop':10s} {'K':>4s} {'precision':>9s} {'ms/model-epoch':>15s} {'x plain':>7s} {'TFLOP/s':>8s} "
@@ -203,7 +266,8 @@ def main(argv=None):
         ms = 1e3 * wall / cfg.epochs / K
         ref_ms = ref_ms or ms  # the first row: the plain loop (fnn) or the trainer at K = 1, first precision
         row = dict(loop=loop, K=K, precision=prec, eval_every=every, ms_per_model_epoch=round(ms, 4),
-                   speedup_vs_plain=round(ref_ms / ms, 2), tflops=float(f"{flops * K * cfg.epochs / wall / 1e12:.4g}"),
+                   speedup_vs_plain=round(ref_ms / ms, 2),
+                   tflops=float(f"{flops * K * cfg.epochs / wall / 1e12:.4g}"),
                    peak_mib=None if peak is None else round(peak, 1))
         rows.append(row)
         print(f"{loop:10s} {K:4d} {prec:>9s} {ms:15.3f} {row['speedup_vs_plain']:7.2f} {row['tflops']:8.3f} "
