@@ -1,6 +1,6 @@
-"""Bad input, every script and bench.py: exit 2, one line naming the problem, nothing written. The
-matrix runs in-process (main(argv) is what `python exp_X.py ...` runs); one subprocess per script checks
-the __main__ wiring. Also: --help everywhere, and every shipped config is accepted by its script."""
+"""Bad input, every script and bench.py (gpu_check.py's: test_gpu_check.py): exit 2, one line naming the
+problem, nothing written. The matrix runs in-process (main(argv) is what `python exp_X.py ...` runs); one
+subprocess per script checks the __main__ wiring. Also: --help everywhere, and every shipped config is accepted by its script."""
 import importlib
 import subprocess
 import sys
@@ -82,9 +82,13 @@ PER_SCRIPT = {
 CASES = [(s, name, a, w) for s in SCRIPTS for name, (a, w) in {**generic(s), **PER_SCRIPT[s]}.items()]
 
 
+def module_name(script: str) -> str:
+    return script if script in ("bench", "gpu_check") else f"exp_{script}"
+
+
 def run_main(script, argv, tmp_path, monkeypatch, capsys):
     """main(argv) in-process from an empty working directory; returns (exit status, stderr)."""
-    module = importlib.import_module(f"exp_{script}" if script != "bench" else "bench")
+    module = importlib.import_module(module_name(script))
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exit_:
         module.main(argv)
@@ -135,9 +139,9 @@ def test_bench_bad_input_exits_2(tmp_path, monkeypatch, capsys, name):
     assert not out.exists()
 
 
-@pytest.mark.parametrize("script", [*SCRIPTS, "bench"])
+@pytest.mark.parametrize("script", [*SCRIPTS, "bench", "gpu_check"])
 def test_help_lists_every_field_with_its_default_and_comment(tmp_path, monkeypatch, capsys, script):
-    module = importlib.import_module(f"exp_{script}" if script != "bench" else "bench")
+    module = importlib.import_module(module_name(script))
     status, captured = run_main(script, ["--help"], tmp_path, monkeypatch, capsys)
     assert status == 0 and captured.err == ""
     import dataclasses
@@ -147,7 +151,7 @@ def test_help_lists_every_field_with_its_default_and_comment(tmp_path, monkeypat
         assert line is not None, f.name
         assert len(line.split()) >= 3 or f.name in ("weak_embedding", "shard", "merge", "name", "out", "support",
                                                    "track"), line  # a default (or empty) and a text
-    assert "--seed" in captured.out or script == "bench"
+    assert "--seed" in captured.out or script in ("bench", "gpu_check")
     assert "Usage" in captured.out  # the script's docstring comes first
 
 
