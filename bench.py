@@ -199,7 +199,7 @@ def attention_table(cfg, device, n_train: int, name: str) -> list[dict]:
                     ms[impl] = 1e3 * wall / cfg.epochs / K
                 rows.append(dict(model=model, K=K, precision=prec, sdpa_ms=round(ms["sdpa"], 4),
                                  written_ms=round(ms["written"], 4),
-                                 sdpa_over_written=round(ms["sdpa"] / ms["written"], 2)))
+                                 sdpa_over_written=float(f"{ms['sdpa'] / ms['written']:.3g}")))
                 print(f"{model:13s} {K:4d} {prec:>9s} {ms['sdpa']:9.3f} {ms['written']:10.3f} "
                       f"{ms['sdpa'] / ms['written']:12.2f}", flush=True)
     return rows

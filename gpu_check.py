@@ -2,7 +2,8 @@
 subprocess with a time limit, every output under --out, and a short table at the end.
 
 Stages (--stages, comma-separated, run in the order given):
-  tests       python -m pytest -q -rs: the CPU tests and the CUDA-only ones (tests/test_cuda.py)
+  tests       python -m pytest -q -rs: the CPU tests and the CUDA-only ones (tests/test_cuda.py); with
+              pytest-xdist installed, on up to 8 workers
   bench       bench.py: the FNN table (K = 1, 16, 64, 256 at float32 / tf32 / bf16 against the plain
               loop), then the 2-layer (K = 1, 16) and 8-layer (K = 1) transformers per precision
   attention   bench.py --workload attention: the transformers' attention, fused SDPA vs written out
@@ -26,6 +27,7 @@ Usage:
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -85,8 +87,10 @@ def commands(stage: str, out: Path, device: str, smoke: bool) -> list[tuple[list
     for command, writes in STAGES[stage]:
         script, *args = command.split()
         small = SMOKE[script].split() if smoke else []
-        if script == "-m":  # pytest: no device, no output of its own
-            runs.append(([script, *args, *small], None))
+        if script == "-m":  # pytest: no device, no output of its own; spread over the cores where xdist is
+            xdist = not smoke and importlib.util.find_spec("xdist") is not None
+            workers = ["-n", str(min(8, os.cpu_count() or 1))] if xdist else []
+            runs.append(([script, *args, *workers, *small], None))
             continue
         target = out / writes
         where = ["--out", str(target)] + (["--quiet"] if script != "bench.py" else [])

@@ -93,4 +93,4 @@ def test_bench_attention_workload_rows(tmp_path):
         for prec in ("float32", "bf16")]
     for r in b["rows"]:
         assert r["sdpa_ms"] > 0 and r["written_ms"] > 0
-        assert r["sdpa_over_written"] == pytest.approx(r["sdpa_ms"] / r["written_ms"], rel=0.02)
+        assert r["sdpa_over_written"] == pytest.approx(r["sdpa_ms"] / r["written_ms"], rel=0.01, abs=1e-3)
