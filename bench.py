@@ -225,7 +225,7 @@ def main(argv=None):
     device = common.pick_device(cfg.device)
     data = make_data(cfg.p, cfg.train_frac, device)
     n_train, n_all = len(data["y_train"]), cfg.p ** 2
-    name = str(device) if device.type == "cpu" else torch.cuda.get_device_name(device)
+    name = common.device_name(device)
     if cfg.workload == "attention":
         rows = attention_table(cfg, device, n_train, name)
         workload = dict(model="attention", p=cfg.p, n_train=n_train, epochs=cfg.epochs, shapes=TRANSFORMERS)

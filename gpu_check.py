@@ -20,7 +20,7 @@ run directories hold config.yaml). Stage outputs: OUT/<stage>/ (run directories,
 OUT/<stage>.log; the table goes to stdout, OUT/gpu_check.md and OUT/gpu_check.json.
 
 Usage:
-  python gpu_check.py --out runs/gpu --stages tests,bench,attention      # about 6 minutes on an H100
+  python gpu_check.py --out runs/gpu --stages tests,bench,attention      # limits 420 + 300 + 120 s
   python gpu_check.py --out runs/gpu --stages table1_add                 # then each long stage alone
   python gpu_check.py --smoke --device cpu --out /tmp/g --stages attention,table1_add   # tiny (the tests')
 --smoke swaps every stage for a tiny version of the same command, to check the wiring on a CPU.
@@ -43,8 +43,6 @@ import common
 from common import ConfigError
 
 ROOT = Path(__file__).resolve().parent
-LIMITS = dict(tests=420, bench=300, attention=120, table1_add=560, table1_mul=560, grid=560, fig13=400,
-              fig5=560)  # seconds; each stage stops at its own limit or at the budget, whichever comes first
 GRACE_S = 60  # after SIGTERM: time to write the checkpoint and the metrics before SIGKILL
 
 
@@ -57,19 +55,19 @@ class Config:
     smoke: bool = False  # tiny versions of every stage (CPU-sized), to check the wiring
 
 
-STAGES = {  # stage: its runs, as (script and arguments, what the run writes under OUT/<stage>)
-    "tests": [("-m pytest -q -rs -p no:cacheprovider", None)],
-    "bench": [("bench.py --Ks 1 16 64 256", "fnn.json"),
-              ("bench.py --workload transformer2 --Ks 1 16", "transformer2.json"),
-              ("bench.py --workload transformer8 --Ks 1", "transformer8.json")],
-    "attention": [("bench.py --workload attention --Ks 1 16", "attention.json")],
-    "table1_add": [("exp_transformer.py --op add --stop_at 0.99 --ckpt_every 500", "run")],
-    "table1_mul": [("exp_transformer.py --op mul --stop_at 0.99 --ckpt_every 500", "run")],
-    "grid": [("exp_modular.py --grid --shard 0/8", "run")],
-    "fig13": [(f"exp_transformer.py --op parity --phases scratch --n_layers {n} --d_model 128 --d_head 32 "
-               f"--ckpt_every 500", f"layers{n}") for n in (2, 4)],
-    "fig5": [("exp_xor.py --study norm_ratio", "run")],
-}
+STAGES = {  # stage: (time limit in s, its runs as (script and arguments, what it writes under OUT/<stage>))
+    "tests": (420, [("-m pytest -q -rs -p no:cacheprovider", None)]),
+    "bench": (300, [("bench.py --Ks 1 16 64 256", "fnn.json"),
+                    ("bench.py --workload transformer2 --Ks 1 16", "transformer2.json"),
+                    ("bench.py --workload transformer8 --Ks 1", "transformer8.json")]),
+    "attention": (120, [("bench.py --workload attention --Ks 1 16", "attention.json")]),
+    "table1_add": (560, [("exp_transformer.py --op add --stop_at 0.99 --ckpt_every 500", "run")]),
+    "table1_mul": (560, [("exp_transformer.py --op mul --stop_at 0.99 --ckpt_every 500", "run")]),
+    "grid": (560, [("exp_modular.py --grid --shard 0/8", "run")]),
+    "fig13": (400, [(f"exp_transformer.py --op parity --phases scratch --n_layers {n} --d_model 128 "
+                     f"--d_head 32 --ckpt_every 500", f"layers{n}") for n in (2, 4)]),
+    "fig5": (560, [("exp_xor.py --study norm_ratio", "run")]),
+}  # a stage stops at its own limit or when the budget runs out, whichever comes first
 SMOKE = {  # --smoke: a tiny base for each script, put before the stage's own arguments (which win)
     "-m": "tests/test_common.py -k members_train_like",
     "bench.py": "--p 11 --epochs 2 --warmup 1 --d_embed 8 --width 16",
@@ -84,7 +82,7 @@ SMOKE = {  # --smoke: a tiny base for each script, put before the stage's own ar
 def commands(stage: str, out: Path, device: str, smoke: bool) -> list[tuple[list[str], Path | None]]:
     """The (argv, run directory or bench JSON) of each run of a stage."""
     runs = []
-    for command, writes in STAGES[stage]:
+    for command, writes in STAGES[stage][1]:
         script, *args = command.split()
         small = SMOKE[script].split() if smoke else []
         if script == "-m":  # pytest: no device, no output of its own; spread over the cores where xdist is
@@ -172,7 +170,7 @@ def main(argv=None):
             for argv, target in runs:
                 if target is not None and (target / "config.yaml").is_file():
                     argv = [*argv, "--resume"]  # a run stopped at a limit (or finished) continues
-                limit = min(LIMITS[stage], cfg.budget_s - (time.perf_counter() - t_start) - GRACE_S)
+                limit = min(STAGES[stage][0], cfg.budget_s - (time.perf_counter() - t_start) - GRACE_S)
                 print(f"[{stage}] python {' '.join(argv)}", flush=True)
                 log.write(f"$ python {' '.join(argv)}\n")
                 log.flush()
