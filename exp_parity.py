@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 import common
+import harness
 from common import ConfigError
 
 PHASES = ("weak", "groktransfer", "scratch")
@@ -72,13 +73,12 @@ class Config:
     # --- grid search (appendix A.3; README, "Many runs at once")
     grid: bool = False
     grid_phase: str = "groktransfer"
-    grid_init_scales: list[float] = field(default_factory=lambda: list(common.PAPER_GRID["init_scales"]))
-    grid_lrs: list[float] = field(default_factory=lambda: list(common.PAPER_GRID["lrs"]))
-    grid_wds: list[float] = field(default_factory=lambda: list(common.PAPER_GRID["wds"]))
+    grid_init_scales: list[float] = field(default_factory=lambda: list(harness.PAPER_GRID["init_scales"]))
+    grid_lrs: list[float] = field(default_factory=lambda: list(harness.PAPER_GRID["lrs"]))
+    grid_wds: list[float] = field(default_factory=lambda: list(harness.PAPER_GRID["wds"]))
     grid_stop_at: float = 0.99
     members: int = 0  # grid points trained at once; 0 = as many as fit in memory
     shard: str = ""  # i/n
-    merge: list[str] = field(default_factory=list)  # shard run directories to combine
     # --- runtime
     phases: str = "weak,groktransfer,scratch"  # which phases to run, in this order
     seed: int = 0  # model init seed
@@ -93,20 +93,20 @@ class Config:
 
 
 def check(cfg: Config):
-    common.require(cfg, positive=("q", "k", "n", "n_test", "weak_width", "weak_epochs", "d_embed", "width", "epochs",
+    harness.require(cfg, positive=("q", "k", "n", "n_test", "weak_width", "weak_epochs", "d_embed", "width", "epochs",
                                   "eval_every", "seeds"), fractions=("transfer_at", "stop_at"))
     if cfg.k > cfg.q:
         raise ConfigError(f"k must be <= q, got k = {cfg.k}, q = {cfg.q}")
     if cfg.support:
         if len(cfg.support) != cfg.k or len(set(cfg.support)) != cfg.k or not all(1 <= i <= cfg.q for i in cfg.support):
             raise ConfigError(f"support must be {cfg.k} distinct coordinates in 1..{cfg.q}, got {cfg.support}")
-    phases = common.phase_list(cfg.phases, PHASES)
+    phases = harness.phase_list(cfg.phases, PHASES)
     if "groktransfer" in phases and "weak" not in phases:
         raise ConfigError("phase 'groktransfer' needs the 'weak' phase")
-    if cfg.ckpt_every < 0:
-        raise ConfigError(f"ckpt_every must be >= 0, got {cfg.ckpt_every}")
-    common.check_grid(cfg)
-    common.pick_device(cfg.device)
+    harness.check_grid(cfg)
+    n_params = cfg.q * cfg.weak_width + cfg.q * cfg.d_embed + cfg.d_embed * cfg.width + cfg.width * cfg.width + cfg.width
+    harness.check_size(f"q = {cfg.q}, n = {cfg.n}, width = {cfg.width}, seeds = {cfg.seeds}",
+                       n_params * cfg.seeds, (cfg.n + cfg.n_test) * (cfg.q + cfg.d_embed + 2 * cfg.width) * cfg.seeds)
 
 
 # =============================================================================
@@ -152,28 +152,27 @@ LOSS = dict(loss_fn=logistic_loss, acc_fn=sign_accuracy)
 # =============================================================================
 
 
+@harness.script
 def main(argv=None):
-    cfg = common.config_or_exit(Config(), argv, {"grid_phase": common.GRID_PHASES, "precision": common.PRECISIONS}, check)
-    if cfg.merge:
-        return common.merge_main(cfg, "parity", title=lambda meta: f"({meta['q']}, {meta['k']})-parity")
-    try:
-        run = common.open_run(cfg, "parity")
-    except ConfigError as e:
-        common.fail(str(e))
-    device = common.pick_device(cfg.device)
-    common.set_seed(cfg.seed, cfg.deterministic)
+    choices = {"grid_phase": harness.GRID_PHASES, "precision": common.PRECISIONS}
+    cfg = harness.config_or_exit(Config(), argv, choices, check)
+    run = harness.open_run(cfg, "parity")
+    device = harness.pick_device(cfg.device)
+    harness.set_seed(cfg.seed, cfg.deterministic)
     support = cfg.support or list(range(1, cfg.k + 1))
-    phases = common.phase_list(cfg.phases, PHASES)
+    phases = harness.phase_list(cfg.phases, PHASES)
     if cfg.grid:  # the weak phase only when the grid is over GrokTransfer targets
         phases = ["weak"] if cfg.grid_phase == "groktransfer" else []
     print(f"run directory {run}  device {device}  ({cfg.q}, {cfg.k})-parity on S = {support}  "
-          + (f"grid over {cfg.grid_phase}" if cfg.grid else f"phases {', '.join(phases)}"))
+          + (f"grid over {cfg.grid_phase}" if cfg.grid else f"phases {', '.join(phases)}") + "  (init, lr, wd): "
+          + "  ".join(f"{ph} {tuple(getattr(cfg, f'{k}_{x}') for x in ('init_scale', 'lr', 'wd'))}"
+                      for ph, k in (("weak", "weak"), ("groktransfer", "gt"), ("scratch", "scratch")) if ph in phases))
 
     data = make_data(cfg.q, support, cfg.n, cfg.n_test, cfg.data_seed, device)
     seeds = [cfg.seed + i for i in range(cfg.seeds)]
-    opt = dict(betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, eval_every=cfg.eval_every, quiet=cfg.quiet,
-               precision=cfg.precision, **LOSS)
-    record = common.RunRecord(run, cfg, dict(device=common.device_name(device), q=cfg.q, k=cfg.k, support=support,
+    train_kw = dict(betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, eval_every=cfg.eval_every, quiet=cfg.quiet,
+                    precision=cfg.precision, **LOSS)
+    record = harness.RunRecord(run, cfg, dict(device=harness.device_name(device), q=cfg.q, k=cfg.k, support=support,
                                               n_train=cfg.n, n_test=cfg.n_test), title=f"({cfg.q}, {cfg.k})-parity")
 
     # 1. weak model, stopped when its test accuracy first reaches transfer_at; its first layer is A
@@ -181,7 +180,7 @@ def main(argv=None):
     if "weak" in phases:
         model = weak_model(cfg, seeds, device)
         hist = common.train(model, data, epochs=cfg.weak_epochs, lr=cfg.weak_lr, wd=cfg.weak_wd,
-                            stop_at=cfg.transfer_at, desc="weak", ckpt=record.checkpoint("weak"), **opt)
+                            stop_at=cfg.transfer_at, desc="weak", ckpt=record.checkpoint("weak"), **train_kw)
         weak = record.weak_done(hist, model, transfer(model), cfg.transfer_at)  # A: q x 16
 
     if cfg.grid:
@@ -191,7 +190,7 @@ def main(argv=None):
                               lr=cfg.weak_lr, wd=cfg.weak_wd) if cfg.grid_phase == "groktransfer" else None)
         default = ((cfg.gt_init_scale, cfg.gt_lr, cfg.gt_wd) if cfg.grid_phase == "groktransfer"
                    else (cfg.scratch_init_scale, cfg.scratch_lr, cfg.scratch_wd))
-        return common.grid_main(cfg, run, data, lambda scales: target_model(
+        return harness.grid_main(cfg, run, data, lambda scales: target_model(
             cfg, [cfg.seed] * len(scales), scales, device, weak=weak if cfg.grid_phase == "groktransfer" else None),
             meta, default=default, title=f"({cfg.q}, {cfg.k})-parity", **LOSS)
 
@@ -199,18 +198,18 @@ def main(argv=None):
     if "groktransfer" in phases:
         model = target_model(cfg, seeds, cfg.gt_init_scale, device, weak=weak)
         hist = common.train(model, data, epochs=cfg.epochs, lr=cfg.gt_lr, wd=cfg.gt_wd, stop_at=cfg.stop_at,
-                            desc="groktransfer", ckpt=record.checkpoint("groktransfer"), **opt)
+                            desc="groktransfer", ckpt=record.checkpoint("groktransfer"), **train_kw)
         record.phase_done("groktransfer", hist, model)
 
     # 3. the same target from scratch
     if "scratch" in phases:
         model = target_model(cfg, seeds, cfg.scratch_init_scale, device)
         hist = common.train(model, data, epochs=cfg.epochs, lr=cfg.scratch_lr, wd=cfg.scratch_wd, stop_at=cfg.stop_at,
-                            desc="scratch", ckpt=record.checkpoint("scratch"), **opt)
+                            desc="scratch", ckpt=record.checkpoint("scratch"), **train_kw)
         record.phase_done("scratch", hist, model)
 
     record.save_models()
-    png = common.plot_dynamics(run, title=f"({cfg.q}, {cfg.k})-parity, S = {set(support)}, n = {cfg.n}")
+    png = harness.plot_dynamics(run, title=f"({cfg.q}, {cfg.k})-parity, S = {set(support)}, n = {cfg.n}")
     print(f"wrote {run / 'summary.json'} and {png}")
     return run
 

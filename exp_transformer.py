@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 import common
+import harness
 from common import ConfigError
 
 OPS = ("add", "sub", "mul", "div", "parity")
@@ -123,10 +124,10 @@ class Config:
 
 
 def check(cfg: Config):
-    common.require(cfg, positive=("p", "weak_d_embed", "weak_width", "weak_epochs", "n_layers", "d_model", "d_mlp",
+    harness.require(cfg, positive=("p", "weak_d_embed", "weak_width", "weak_epochs", "n_layers", "d_model", "d_mlp",
                                   "n_heads", "d_head", "epochs", "eval_every", "seeds", "q", "k", "n", "n_test"),
                    fractions=("transfer_at", "stop_at"))
-    phases = common.phase_list(cfg.phases, PHASES)
+    phases = harness.phase_list(cfg.phases, PHASES)
     if cfg.op == "parity":
         if cfg.k > cfg.q:
             raise ConfigError(f"k must be <= q, got k = {cfg.k}, q = {cfg.q}")
@@ -139,14 +140,16 @@ def check(cfg: Config):
     if not 0 <= cfg.grokfast_alpha < 1 or cfg.grokfast_lamb < 0:
         raise ConfigError(f"grokfast_alpha must be in [0, 1) and grokfast_lamb >= 0; got {cfg.grokfast_alpha}, "
                           f"{cfg.grokfast_lamb}")
-    if cfg.ckpt_every < 0:
-        raise ConfigError(f"ckpt_every must be >= 0, got {cfg.ckpt_every}")
-    common.require(cfg, positive=("track_every", "probe_size"))
+    harness.require(cfg, positive=("track_every", "probe_size"))
     if any(t not in ("ntk", "cka") for t in cfg.track):
         raise ConfigError(f"track must be a subset of ntk, cka for a transformer; got {','.join(cfg.track)}")
     if cfg.track and cfg.track_every % cfg.eval_every:
         raise ConfigError(f"track_every ({cfg.track_every}) must be a multiple of eval_every ({cfg.eval_every})")
-    common.pick_device(cfg.device)
+    n_seqs = cfg.n + cfg.n_test if cfg.op == "parity" else cfg.p * cfg.p
+    d, blocks = cfg.d_model, cfg.n_layers * (4 * cfg.d_model * cfg.n_heads * cfg.d_head + 2 * cfg.d_model * cfg.d_mlp)
+    harness.check_size(f"d_model = {d}, n_layers = {cfg.n_layers}, seeds = {cfg.seeds}",
+                       (blocks + (cfg.p + 2) * d + d * cfg.p) * cfg.seeds,
+                       n_seqs * 2 * cfg.n_layers * (4 * d + cfg.d_mlp) * cfg.seeds)
 
 
 def resolve(cfg: Config) -> Config:
@@ -161,8 +164,14 @@ def resolve(cfg: Config) -> Config:
     return dataclasses.replace(cfg, **fill)
 
 
+def phase_setting(cfg, phase: str) -> tuple:
+    """(init scale, lr, wd) of a phase; random_ab uses GrokTransfer's."""
+    prefix = "gt" if phase in ("groktransfer", "random_ab") else phase
+    return tuple(getattr(cfg, f"{prefix}_{key}") for key in ("init_scale", "lr", "wd"))
+
+
 # =============================================================================
-# EXPERIMENT LOGIC: data, weak model, transfer, target. Edit here to try an idea.
+# EXPERIMENT LOGIC: data, weak model, transfer, target (and main's phases). Edit here to try an idea.
 
 
 def make_data(cfg, device) -> dict:
@@ -195,7 +204,7 @@ def check_task(op: str, p: int, train_frac: float):
     """The modular task's constraints (as exp_modular.py)."""
     if p < 2:
         raise ConfigError(f"p must be >= 2, got {p}")
-    common.check_memory(p * p * 100, f"p = {p} ({p * p:.3g} pairs)")
+    harness.check_memory(p * p * 100, f"p = {p} ({p * p:.3g} pairs)")
     if op == "div" and any(p % q == 0 for q in range(2, int(p ** 0.5) + 1)):
         raise ConfigError(f"op 'div' needs a prime p (every b != 0 invertible), got p = {p}")
     if not 0 < train_frac < 1:
@@ -268,7 +277,7 @@ def table1(summary: dict, device: str) -> list[dict]:
     (they share one model, so the times are the run's). GrokTransfer's total adds the weak phase."""
     rows = []
     for phase, s in summary["phases"].items():
-        members = s.get("members", [s])
+        members = s["members"]
         if phase == "weak":
             secs = [m["compute_s"] for m in members]
             epochs = [m["stopped_at"] if m["stopped_at"] is not None else m["epochs"] for m in members]
@@ -294,46 +303,44 @@ def table1(summary: dict, device: str) -> list[dict]:
     return rows
 
 
+@harness.script
 def main(argv=None):
-    cfg = resolve(common.config_or_exit(Config(), argv, {"op": OPS, "precision": common.PRECISIONS}, check))
-    try:
-        weak_loaded = (common.load_weak_embedding(cfg.weak_embedding, cfg.p, cfg.seeds)
-                       if cfg.weak_embedding and cfg.op != "parity" else None)
-        run = common.open_run(cfg, "transformer")
-    except ConfigError as e:
-        common.fail(str(e))
-    device = common.pick_device(cfg.device)
-    common.set_seed(cfg.seed, cfg.deterministic)
-    phases = common.phase_list(cfg.phases, PHASES)
+    cfg = resolve(harness.config_or_exit(Config(), argv, {"op": OPS, "precision": common.PRECISIONS}, check))
+    weak_loaded = (harness.load_weak_embedding(cfg.weak_embedding, cfg.p, cfg.seeds, dict(op=cfg.op, p=cfg.p))
+                   if cfg.weak_embedding and cfg.op != "parity" else None)
+    run = harness.open_run(cfg, "transformer")
+    device = harness.pick_device(cfg.device)
+    harness.set_seed(cfg.seed, cfg.deterministic)
+    phases = harness.phase_list(cfg.phases, PHASES)
     task = f"({cfg.q}, {cfg.k})-parity" if cfg.op == "parity" else f"a {'+-*/'[OPS.index(cfg.op)]} b mod {cfg.p}"
     title = f"{task}, {cfg.n_layers}-layer transformer (d_model {cfg.d_model})"
-    print(f"run directory {run}  device {device}  {title}  phases {', '.join(phases)}")
+    print(f"run directory {run}  device {device}  {title}  phases {', '.join(phases)}  (init, lr, wd): "
+          + "  ".join(f"{ph} {phase_setting(cfg, ph)}" for ph in phases))
 
     data = make_data(cfg, device)
     seeds = [cfg.seed + i for i in range(cfg.seeds)]
-    opt = dict(betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, eval_every=cfg.eval_every, quiet=cfg.quiet,
-               precision=cfg.precision)
+    train_kw = dict(betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, eval_every=cfg.eval_every, quiet=cfg.quiet,
+                    precision=cfg.precision)
     vocab, n_ctx, n_out = vocab_ctx_out(cfg)
     n_train = len(data["y_train"])
-    header = dict(device=common.device_name(device), op=cfg.op, n_train=n_train, n_test=len(data["y_test"]),
+    header = dict(device=harness.device_name(device), op=cfg.op, n_train=n_train, n_test=len(data["y_test"]),
                   flops_per_epoch=common.transformer_flops(n_train * n_ctx, cfg.n_layers, cfg.d_model, cfg.d_mlp,
                                                            cfg.n_heads, cfg.d_head, n_ctx, n_out, n_train))
-    record = common.RunRecord(run, cfg, header, title=title)
+    record = harness.RunRecord(run, cfg, header, title=title)
 
     # 1. weak FNN (exp_modular's), stopped at transfer_at test accuracy; its embedding is A
     weak = weak_loaded
     if "weak" in phases:
         model = weak_model(cfg, seeds, device)
         hist = common.train(model, data, epochs=cfg.weak_epochs, lr=cfg.weak_lr, wd=cfg.weak_wd,
-                            stop_at=cfg.transfer_at, desc="weak", ckpt=record.checkpoint("weak"), **opt)
+                            stop_at=cfg.transfer_at, desc="weak", ckpt=record.checkpoint("weak"), **train_kw)
         weak = record.weak_done(hist, model, transfer(model), cfg.transfer_at, op=cfg.op, p=cfg.p)
     elif weak is not None:
         record.summary["weak_embedding"] = cfg.weak_embedding
 
     # 2-4. the transformer: GrokTransfer (token embedding A @ B), from scratch, and with GrokFast
     for phase in [ph for ph in phases if ph != "weak"]:
-        prefix = "gt" if phase in ("groktransfer", "random_ab") else phase
-        init, lr, wd = (getattr(cfg, f"{prefix}_{key}") for key in ("init_scale", "lr", "wd"))
+        init, lr, wd = phase_setting(cfg, phase)
         A = weak if phase == "groktransfer" else random_a(cfg, seeds) if phase == "random_ab" else None
         model = target_model(cfg, seeds, init, device, weak=A)
         n = min(cfg.probe_size, n_train)
@@ -341,16 +348,16 @@ def main(argv=None):
                                  n_out) if cfg.track else None
         betas = (cfg.beta1, cfg.grokfast_beta2 if phase == "grokfast" and cfg.grokfast_beta2 is not None else cfg.beta2)
         hist = common.train(model, data, epochs=cfg.epochs, lr=lr, wd=wd, stop_at=cfg.stop_at, desc=phase,
-                            ckpt=record.checkpoint(phase), tracker=tracker, **dict(opt, betas=betas),
+                            ckpt=record.checkpoint(phase), tracker=tracker, **dict(train_kw, betas=betas),
                             grad_filter=GrokFast(cfg.grokfast_alpha, cfg.grokfast_lamb) if phase == "grokfast" else None)
         record.phase_done(phase, hist, model)
 
     record.summary["table1"] = table1(record.summary, header["device"])
-    common.save_json(record.summary, run / "summary.json")
+    harness.save_json(record.summary, run / "summary.json")
     record.save_models()
-    png = common.plot_dynamics(run, title=title)
+    png = harness.plot_dynamics(run, title=title)
     if cfg.track:
-        print(f"wrote {common.plot_progress(run, title=title)}")
+        print(f"wrote {harness.plot_progress(run, title=title)}")
     print(f"wrote {run / 'summary.json'} and {png}")
     return run
 

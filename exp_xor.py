@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 import common
+import harness
 from common import ConfigError
 
 STUDIES = ("none", "norm_ratio", "weak_width")
@@ -109,8 +110,6 @@ class Config:
 
 
 def check(cfg: Config):
-    if cfg.ckpt_every < 0:
-        raise ConfigError(f"ckpt_every must be >= 0, got {cfg.ckpt_every}")
     for key in ("p", "n", "n_test", "scratch_width", "weak_width", "target_width", "scratch_epochs", "weak_epochs",
                 "target_epochs", "eval_every", "weak_eval_every", "seeds", "ratio_n", "ratio_p"):
         if getattr(cfg, key) <= 0:
@@ -132,7 +131,11 @@ def check(cfg: Config):
             raise ConfigError(f"{key} must be a non-empty list of positive numbers, got {v}")
     if any(p < 3 for p in cfg.ratio_ps):
         raise ConfigError(f"ratio_ps must all be >= 3, got {cfg.ratio_ps}")
-    common.pick_device(cfg.device)
+    n_points = max(cfg.n, cfg.ratio_n, *cfg.ratio_ns) + cfg.n_test  # data (n, p); the wide network (p, m)
+    p_max = max(cfg.p, cfg.ratio_p, *cfg.ratio_ps)
+    harness.check_size(f"p = {p_max}, n = {n_points}, scratch_width = {cfg.scratch_width}, seeds = {cfg.seeds}",
+                       p_max * max(cfg.scratch_width, cfg.target_width) * cfg.seeds,
+                       n_points * (p_max + 2 * cfg.scratch_width) * cfg.seeds)
 
 
 # =============================================================================
@@ -322,7 +325,7 @@ def target_init(cfg, seeds, r, device):
     m = cfg.target_width
     a, V = [], []
     for s in seeds:
-        gen = torch.Generator().manual_seed(s + 10_000_019)
+        gen = torch.Generator().manual_seed(s + common.B_SEED_OFFSET)
         a.append((torch.randint(0, 2, (m,), generator=gen) * 2 - 1) / math.sqrt(m))
         V.append((torch.randint(0, 2, (r, m), generator=gen) * 2 - 1) * cfg.v_init)
     return torch.stack(a).float().to(device), torch.stack(V).float().to(device)
@@ -388,12 +391,12 @@ def neuron_features(W: torch.Tensor) -> list[dict]:
 
 
 # =============================================================================
-# Figures particular to this experiment (the dynamics panels come from common.plot_dynamics)
+# Figures particular to this experiment (the dynamics panels come from harness.plot_dynamics)
 
 
 def plot_neurons(W: torch.Tensor, test_acc: float, path: Path):
     """Fig 4c: each weak neuron's first two coordinates (arrows) and the norm of the rest (bars)."""
-    plt = common.pyplot()
+    plt = harness.pyplot()
     W = W.cpu()
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(8, 3.8))
     lim = 1.15 * float(W[:2].abs().max())
@@ -419,12 +422,12 @@ def plot_neurons(W: torch.Tensor, test_acc: float, path: Path):
     bx.set_ylim(0, 1.35 * float(max(first.max(), rest.max())))  # room for the legend
     bx.legend(fontsize=8, loc="upper center", ncol=2)
     fig.tight_layout()
-    return common.save_figure(fig, path)
+    return harness.save_figure(fig, path)
 
 
 def plot_embedding3d(E: torch.Tensor, y: torch.Tensor, path: Path):
     """Fig 5a: fresh points seen through the weak first layer, U^T x in R^3, coloured by label."""
-    plt = common.pyplot()
+    plt = harness.pyplot()
     E, y = E.cpu().numpy(), y.cpu().numpy()
     fig = plt.figure(figsize=(5, 4.5))
     ax = fig.add_subplot(projection="3d")
@@ -437,7 +440,7 @@ def plot_embedding3d(E: torch.Tensor, y: torch.Tensor, path: Path):
     ax.legend(fontsize=8)
     ax.set_title(f"{len(y)} fresh points through the weak first layer", fontsize=9)
     fig.tight_layout()
-    return common.save_figure(fig, path)
+    return harness.save_figure(fig, path)
 
 
 # =============================================================================
@@ -453,18 +456,16 @@ def peak_memory(device) -> dict:
 
 
 def new_summary(cfg, device):
-    return dict(device=common.device_name(device), p=cfg.p, n=cfg.n, eps=cfg.eps, n_test=cfg.n_test,
+    return dict(device=harness.device_name(device), p=cfg.p, n=cfg.n, eps=cfg.eps, n_test=cfg.n_test,
                 wd_form=cfg.wd_form, loss=cfg.loss)
 
 
+@harness.script
 def main(argv=None):
-    cfg = common.config_or_exit(Config(), argv, {"study": STUDIES, "loss": LOSSES, "wd_form": WD_FORMS}, check)
-    try:
-        run = common.open_run(cfg, "xor")
-    except ConfigError as e:
-        common.fail(str(e))
-    device = common.pick_device(cfg.device)
-    common.set_seed(cfg.seed)
+    cfg = harness.config_or_exit(Config(), argv, {"study": STUDIES, "loss": LOSSES, "wd_form": WD_FORMS}, check)
+    run = harness.open_run(cfg, "xor")
+    device = harness.pick_device(cfg.device)
+    harness.set_seed(cfg.seed)
     seeds = [cfg.seed + i for i in range(cfg.seeds)]
     print(f"run directory {run}  device {device}  XOR p={cfg.p} n={cfg.n} eps={cfg.eps}  study {cfg.study}")
     if cfg.study == "norm_ratio":
@@ -473,7 +474,7 @@ def main(argv=None):
         return study_weak_width(cfg, run, seeds, device)
 
     data = make_data(cfg.n, cfg.p, cfg.eps, cfg.n_test, cfg.data_seed, device)
-    record = common.RunRecord(run, cfg, new_summary(cfg, device), title="XOR cluster data")
+    record = harness.RunRecord(run, cfg, new_summary(cfg, device), title="XOR cluster data")
 
     # 1. the wide network from scratch: grokking (Fig 4a)
     record.phase_done("scratch", train_scratch(cfg, data, seeds, device, record.checkpoint("scratch")))
@@ -481,9 +482,9 @@ def main(argv=None):
     # 2. the weak network with three neurons (Fig 4b); its neurons (Fig 4c); its embedding (Fig 5a)
     hist, W, _ = train_weak(cfg, data, seeds, cfg.weak_width, device, ckpt=record.checkpoint("weak"))
     feats = [neuron_features(W[k]) for k in range(len(seeds))]
-    record.phase_done("weak", hist, extra=dict(weak_neuron_features=feats[0] if len(seeds) == 1 else feats,
+    record.phase_done("weak", hist, extra=dict(weak_neuron_features=feats,  # one list per member
                                                norm_ratio=[round(float(r), 6) for r in norm_ratio(W)]))
-    common.save_atomic(dict(U=W.cpu(), p=cfg.p, n=cfg.n, eps=cfg.eps), run / "embedding.pt")
+    harness.save_atomic(dict(U=W.cpu(), p=cfg.p, n=cfg.n, eps=cfg.eps), run / "embedding.pt")
     plot_neurons(W[0], float(hist["metrics"][-1, 0, common.TEST_ACC]), run / "neurons.png")
     plot_embedding3d(*embed_fresh(4000, cfg.p, cfg.eps, cfg.data_seed + 1, W[0]), run / "embedding3d.png")
 
@@ -492,20 +493,19 @@ def main(argv=None):
     at1 = list(hist["epochs"]).index(1)
     one = dict(one_step_train_acc=[float(v) for v in hist["metrics"][at1, :, common.TRAIN_ACC]],
                one_step_test_acc=[float(v) for v in hist["metrics"][at1, :, common.TEST_ACC]])
-    one = common.single(one)
     record.phase_done("groktransfer", hist, extra=one)
     print(f"[groktransfer] after one GD step: train acc {one['one_step_train_acc']}  test acc {one['one_step_test_acc']}")
 
     record.summary.update(peak_memory(device))
-    common.save_json(record.summary, run / "summary.json")
-    png = common.plot_dynamics(run, title=f"XOR cluster data, p = {cfg.p}, n = {cfg.n}, eps = {cfg.eps}")
+    harness.save_json(record.summary, run / "summary.json")
+    png = harness.plot_dynamics(run, title=f"XOR cluster data, p = {cfg.p}, n = {cfg.n}, eps = {cfg.eps}")
     print(f"wrote {run / 'summary.json'}, {png}, neurons.png, embedding3d.png")
     return run
 
 
 def study_norm_ratio(cfg, run, seeds, device):
     """Fig 5b, 5c: r_W of trained weak models against p (n fixed) and n (p fixed), per eps."""
-    plt = common.pyplot()
+    plt = harness.pyplot()
     results = dict(vs_p=[], vs_n=[])
     settings = [("vs_p", p, cfg.ratio_n, e) for e in cfg.ratio_eps for p in cfg.ratio_ps]
     settings += [("vs_n", cfg.ratio_p, n, e) for e in cfg.ratio_eps for n in cfg.ratio_ns]
@@ -519,7 +519,7 @@ def study_norm_ratio(cfg, run, seeds, device):
         results[which].append(row)
         print(f"[norm_ratio {i + 1}/{len(settings)}] p {p}  n {n}  eps {eps:.5f}  r_W {row['r_W']:.4g}  "
               f"weak test acc {row['test_acc']:.3f}", flush=True)
-        common.save_json(dict(results=results), run / "summary.json")
+        harness.save_json(dict(results=results), run / "summary.json")
     slopes = {}
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.8))
     for ax, which, key in ((axes[0], "vs_p", "p"), (axes[1], "vs_n", "n")):
@@ -538,8 +538,8 @@ def study_norm_ratio(cfg, run, seeds, device):
     axes[0].set_title(f"r_W against p (n = {cfg.ratio_n}); paper: flat", fontsize=9)
     axes[1].set_title(f"r_W against n (p = {cfg.ratio_p}); paper: slope about -1/2", fontsize=9)
     fig.tight_layout()
-    common.save_figure(fig, run / "norm_ratio.png")
-    common.save_json(dict(results=results, slopes=slopes), run / "summary.json")
+    harness.save_figure(fig, run / "norm_ratio.png")
+    harness.save_json(dict(results=results, slopes=slopes), run / "summary.json")
     print("fitted log-log slopes: " + ", ".join(f"{k} {v:.3f}" for k, v in slopes.items() if v is not None))
     print(f"wrote {run / 'summary.json'} and {run / 'norm_ratio.png'}")
     return run
@@ -548,14 +548,14 @@ def study_norm_ratio(cfg, run, seeds, device):
 def study_weak_width(cfg, run, seeds, device):
     """Fig 10, 11: weak models of each width in cfg.weak_widths, and the target trained on each embedding."""
     data = make_data(cfg.n, cfg.p, cfg.eps, cfg.n_test, cfg.data_seed, device)
-    record = common.RunRecord(run, cfg, new_summary(cfg, device), title="XOR, weak widths")
+    record = harness.RunRecord(run, cfg, new_summary(cfg, device), title="XOR, weak widths")
     for width in cfg.weak_widths:
         hist, W, _ = train_weak(cfg, data, seeds, width, device, ckpt=record.checkpoint(f"weak-{width}"))
         record.phase_done(f"weak-{width}", hist, extra=dict(weak_neuron_features=neuron_features(W[0])))
         plot_neurons(W[0], float(hist["metrics"][-1, 0, common.TEST_ACC]), run / f"neurons_{width}.png")
         record.phase_done(f"target-{width}", train_target(cfg, data, transfer(W), seeds, device,
                                                         record.checkpoint(f"target-{width}")))
-    png = common.plot_dynamics(run, title=f"weak widths {cfg.weak_widths}: weak model, then the target on its embedding")
+    png = harness.plot_dynamics(run, title=f"weak widths {cfg.weak_widths}: weak model, then the target on its embedding")
     print(f"wrote {run / 'summary.json'} and {png}")
     return run
 

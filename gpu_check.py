@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 
 import common
+import harness
 from common import ConfigError
 
 ROOT = Path(__file__).resolve().parent
@@ -144,18 +145,19 @@ def result(stage: str, target: Path | None, log_path: Path) -> str:
         if "table1" in summary and stage.startswith("table1"):
             return "; ".join(r["phase"] + (" not reached" if r["ms"] is None else f" {r['ms'] / 1e3:.1f}s")
                              for r in summary["table1"])
-        return "; ".join(f"{phase} final test acc {s['final_test_acc']:.3f}"
-                         for phase, s in summary["phases"].items() if s.get("final_test_acc") is not None)
+        return "; ".join(f"{phase} final test acc {s['final_test_acc_mean']:.3f}"
+                         for phase, s in summary["phases"].items() if s.get("final_test_acc_mean") is not None)
     return "no results yet"
 
 
+@harness.script
 def main(argv=None):
-    cfg = common.config_or_exit(Config(), argv, check=check)
+    cfg = harness.config_or_exit(Config(), argv, check=check)
     stages = cfg.stages
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    device = common.pick_device(cfg.device)
-    name = common.device_name(device)
+    device = harness.pick_device(cfg.device)
+    name = harness.device_name(device)
     t_start, rows = time.perf_counter(), []
     print(f"device {name}, torch {torch.__version__}; stages {', '.join(stages)}; budget {cfg.budget_s:.0f}s")
     for stage in stages:
@@ -191,8 +193,8 @@ def main(argv=None):
     table = [f"device: {name}; torch {torch.__version__}", "", "| stage | status | seconds | result |",
              "|---|---|---|---|"] + [f"| {r['stage']} | {r['status']} | {r['seconds']} | {r['result']} |"
                                      for r in rows]
-    common.write_atomic(out / "gpu_check.md", "\n".join(table) + "\n")
-    common.save_json(dict(device=name, torch=torch.__version__, rows=rows), out / "gpu_check.json")
+    harness.write_atomic(out / "gpu_check.md", "\n".join(table) + "\n")
+    harness.save_json(dict(device=name, torch=torch.__version__, rows=rows), out / "gpu_check.json")
     print("\n".join(table))
     return rows
 
@@ -206,7 +208,7 @@ def check(cfg: Config):
                           f"got {cfg.budget_s}")
     if Path(cfg.out).is_file():
         raise ConfigError(f"out must be a directory; {cfg.out} is a file")
-    common.pick_device(cfg.device)
+    harness.pick_device(cfg.device)
 
 
 if __name__ == "__main__":

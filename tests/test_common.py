@@ -7,11 +7,12 @@ import pytest
 import torch
 
 import common
+import harness
 from common import ConfigError
 
 
 def write_metrics(path, rows):
-    common.write_csv(path, rows, ["phase", "member", "epoch", *common.METRICS])
+    harness.write_csv(path, rows, ["phase", "member", "epoch", *common.METRICS])
 
 
 # ----------------------------------------------------------------------------- config
@@ -33,20 +34,20 @@ CHOICES = {"op": ("add", "mul")}
 def test_config_precedence_defaults_file_flags(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("p: 31\nlr: 1e-2   # YAML 1.1 reads this as a string; it must still be a float\nop: mul\n")
-    cfg = common.parse_config(Cfg(), ["--config", str(f), "--lr", "5e-3"], CHOICES)
+    cfg = harness.parse_config(Cfg(), ["--config", str(f), "--lr", "5e-3"], CHOICES)
     assert cfg.p == 31 and cfg.op == "mul"  # from the file
     assert cfg.lr == 5e-3 and isinstance(cfg.lr, float)  # the flag beats the file
-    assert common.parse_config(Cfg(), [], CHOICES) == Cfg()  # defaults untouched
+    assert harness.parse_config(Cfg(), [], CHOICES) == Cfg()  # defaults untouched
     # flag before --config still wins: precedence does not depend on order
-    cfg = common.parse_config(Cfg(), ["--lr=0.5", "--config", str(f)], CHOICES)
+    cfg = harness.parse_config(Cfg(), ["--lr=0.5", "--config", str(f)], CHOICES)
     assert cfg.lr == 0.5
 
 
 def test_config_type_conversions():
-    cfg = common.parse_config(Cfg(), ["--p", "1e2", "--stop_at", "0.9", "--deterministic"], CHOICES)
+    cfg = harness.parse_config(Cfg(), ["--p", "1e2", "--stop_at", "0.9", "--deterministic"], CHOICES)
     assert cfg.p == 100 and isinstance(cfg.p, int)
     assert cfg.stop_at == 0.9 and cfg.deterministic is True
-    cfg = common.parse_config(Cfg(stop_at=0.5), ["--stop_at", "none", "--deterministic", "false"], CHOICES)
+    cfg = harness.parse_config(Cfg(stop_at=0.5), ["--stop_at", "none", "--deterministic", "false"], CHOICES)
     assert cfg.stop_at is None and cfg.deterministic is False
 
 
@@ -63,7 +64,7 @@ def test_config_type_conversions():
 ])
 def test_config_errors_name_the_problem(argv, words):
     with pytest.raises(ConfigError) as e:
-        common.parse_config(Cfg(), argv, CHOICES)
+        harness.parse_config(Cfg(), argv, CHOICES)
     msg = str(e.value)
     assert "\n" not in msg
     for w in words:
@@ -74,15 +75,15 @@ def test_config_file_errors(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("p: [1, 2\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
-        common.parse_config(Cfg(), ["--config", str(bad)], CHOICES)
+        harness.parse_config(Cfg(), ["--config", str(bad)], CHOICES)
     unknown = tmp_path / "unknown.yaml"
     unknown.write_text("width: 3\n")
     with pytest.raises(ConfigError, match="unknown config key 'width'"):
-        common.parse_config(Cfg(), ["--config", str(unknown)], CHOICES)
+        harness.parse_config(Cfg(), ["--config", str(unknown)], CHOICES)
     wrong = tmp_path / "wrong.yaml"
     wrong.write_text("p: true\n")
     with pytest.raises(ConfigError, match="'p' expects int"):
-        common.parse_config(Cfg(), ["--config", str(wrong)], CHOICES)
+        harness.parse_config(Cfg(), ["--config", str(wrong)], CHOICES)
 
 
 # ----------------------------------------------------------------------------- models
@@ -246,11 +247,11 @@ def test_plot_reports_nan_instead_of_drawing_it(tmp_path):
     model = common.token_mlp(13, 2, 4, [16], 13, [1.0], [0])
     h = common.train(model, data, epochs=20, lr=1e-2, wd=0.1, eval_every=5, quiet=True)
     h["metrics"][3:, 0, :] = np.nan  # as if the loss blew up at the 4th evaluation
-    write_metrics(tmp_path / "metrics.csv", common.history_rows("scratch", h))
-    d = common.read_metrics(tmp_path / "metrics.csv")["scratch"]
-    note = common.panel_note(d["epochs"], d["metrics"])
+    write_metrics(tmp_path / "metrics.csv", harness.history_rows("scratch", h))
+    d = harness.read_metrics(tmp_path / "metrics.csv")["scratch"]
+    note = harness.panel_note(d["epochs"], d["metrics"])
     assert f"NaN/inf from epoch {h['epochs'][3]} (1 of 1 members)" in note
-    assert common.plot_dynamics(tmp_path).is_file()  # draws the finite part without failing
+    assert harness.plot_dynamics(tmp_path).is_file()  # draws the finite part without failing
 
 
 def test_all_members_nan_stops_the_phase():
@@ -297,9 +298,9 @@ def test_summary_and_metrics_round_trip(tmp_path):
     data = _data()
     model = common.token_mlp(13, 2, 4, [16], 13, [1.0, 0.5], [0, 1])
     h = common.train(model, data, epochs=20, lr=1e-2, wd=0.1, eval_every=5, quiet=True)
-    rows = common.history_rows("weak", h)
+    rows = harness.history_rows("weak", h)
     write_metrics(tmp_path / "metrics.csv", rows)
-    back = common.read_metrics(tmp_path / "metrics.csv")["weak"]
+    back = harness.read_metrics(tmp_path / "metrics.csv")["weak"]
     np.testing.assert_array_equal(back["epochs"], h["epochs"])
     np.testing.assert_allclose(back["metrics"], h["metrics"], rtol=1e-6)
     s = common.summarize(h)
@@ -307,7 +308,7 @@ def test_summary_and_metrics_round_trip(tmp_path):
     accs = [m["final_test_acc"] for m in s["members"]]
     assert s["final_test_acc_mean"] == pytest.approx(np.mean(accs)) and s["final_test_acc_std"] == pytest.approx(np.std(accs))
     torch.testing.assert_close(torch.tensor(h["metrics"][-1, :, 4]), common.weight_norm(model), rtol=1e-5, atol=1e-6)
-    png = common.plot_dynamics(tmp_path)
+    png = harness.plot_dynamics(tmp_path)
     assert png.stat().st_size > 10_000
 
 
@@ -324,10 +325,10 @@ def test_summarize_members_gives_the_seed_band_and_counts_never_reached_as_zero_
 
 def test_write_atomic_keeps_the_old_file_on_failure(tmp_path):
     path = tmp_path / "summary.json"
-    common.write_atomic(path, "old")
+    harness.write_atomic(path, "old")
 
     with pytest.raises(TypeError):
-        common.write_atomic(path, object())  # fails in the middle of the write
+        harness.write_atomic(path, object())  # fails in the middle of the write
     assert path.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]  # no temporary left behind
 
@@ -337,8 +338,8 @@ def test_panel_note_lists_each_members_time_gap():
     m = np.zeros((4, 2, 5))
     m[:, 0, 1], m[:, 0, 3] = [0, 1, 1, 1], [0, 0, 1, 1]  # gap 10
     m[:, 1, 1], m[:, 1, 3] = [0, 1, 1, 1], [0, 0, 0, 0.5]  # never
-    assert common.panel_note(ep, m[:, :1]) == "Time Gap 10"
-    assert common.panel_note(ep, m) == "Time Gap per member: 10, -"
+    assert harness.panel_note(ep, m[:, :1]) == "Time Gap 10"
+    assert harness.panel_note(ep, m) == "Time Gap per member: 10, -"
 
 
 # ----------------------------------------------------------------------------- list config, grid search
@@ -354,26 +355,26 @@ class GridCfg:
 def test_list_config_fields_take_yaml_lists_commas_and_several_values(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("lrs: [1e-3, 0.5]\ndirs: [a, b]\n")
-    assert common.parse_config(GridCfg(), ["--config", str(f)]).lrs == [1e-3, 0.5]
-    cfg = common.parse_config(GridCfg(), ["--lrs", "1e-4", "2", "--dirs", "x", "y", "z", "--seed", "3"])
+    assert harness.parse_config(GridCfg(), ["--config", str(f)]).lrs == [1e-3, 0.5]
+    cfg = harness.parse_config(GridCfg(), ["--lrs", "1e-4", "2", "--dirs", "x", "y", "z", "--seed", "3"])
     assert cfg.lrs == [1e-4, 2.0] and cfg.dirs == ["x", "y", "z"] and cfg.seed == 3
-    assert common.parse_config(GridCfg(), ["--lrs=1e-2,0.1"]).lrs == [1e-2, 0.1]
+    assert harness.parse_config(GridCfg(), ["--lrs=1e-2,0.1"]).lrs == [1e-2, 0.1]
     with pytest.raises(ConfigError, match="'lrs' expects float"):
-        common.parse_config(GridCfg(), ["--lrs", "1e-3", "fast"])
+        harness.parse_config(GridCfg(), ["--lrs", "1e-3", "fast"])
 
 
 def test_grid_points_and_shards():
-    points = common.grid_points(**common.PAPER_GRID)
+    points = harness.grid_points(**harness.PAPER_GRID)
     assert len(points) == 16 * 8 * 9 == 1152
     assert [p["point"] for p in points] == list(range(1152))
     assert (points[0]["init_scale"], points[0]["lr"], points[0]["wd"]) == (0.05, 1e-4, 1e-4)
     assert (points[1]["wd"], points[9]["lr"], points[72]["init_scale"]) == (1e-3, 5e-4, 0.1)  # wd fastest
     assert {(p["init_scale"], p["lr"], p["wd"]) for p in points} == {
-        (c, l, w) for c in common.PAPER_GRID["init_scales"] for l in common.PAPER_GRID["lrs"] for w in common.PAPER_GRID["wds"]}
-    assert common.parse_shard("") == (0, 1) and common.parse_shard("2/5") == (2, 5)
+        (c, l, w) for c in harness.PAPER_GRID["init_scales"] for l in harness.PAPER_GRID["lrs"] for w in harness.PAPER_GRID["wds"]}
+    assert harness.parse_shard("") == (0, 1) and harness.parse_shard("2/5") == (2, 5)
     for bad in ("5/5", "-1/3", "1", "a/b", "1/0"):
         with pytest.raises(ConfigError, match="shard"):
-            common.parse_shard(bad)
+            harness.parse_shard(bad)
     shards = [points[i::3] for i in range(3)]
     assert sorted(p["point"] for s in shards for p in s) == list(range(1152))
 
@@ -401,11 +402,11 @@ def test_compacting_frozen_members_changes_nothing_but_the_cost():
 def _tiny_grid(**kw):
     data = _data()
     data = dict(data, x_test=data["x_train"], y_test=data["y_train"])
-    points = common.grid_points([1.0, 0.5], [3e-2, 1e-4, 1e30], [0.0])  # lr 1e-4: too slow; 1e30: blows up
+    points = harness.grid_points([1.0, 0.5], [3e-2, 1e-4, 1e30], [0.0])  # lr 1e-4: too slow; 1e30: blows up
 
     def build(scales):
         return common.token_mlp(13, 2, 4, [32], 13, scales, [0] * len(scales))
-    return common.run_grid(points, build, data, epochs=150, threshold=0.9, eval_every=5, quiet=True, **kw)
+    return harness.run_grid(points, build, data, epochs=150, threshold=0.9, eval_every=5, quiet=True, **kw)
 
 
 def test_grid_marks_diverged_points_and_keeps_the_others_running():
@@ -427,16 +428,16 @@ def test_grid_marks_diverged_points_and_keeps_the_others_running():
 
 def test_best_point_grid_csv_round_trip_and_heatmap(tmp_path):
     rows, _ = _tiny_grid(members=3)
-    best = common.best_point(rows)
+    best = harness.best_point(rows)
     reached = [r for r in rows if r["status"] == "reached"]
     assert best["first_epoch_test_90"] == min(r["first_epoch_test_90"] for r in reached)
-    common.write_grid(tmp_path / "grid.csv", rows)
-    back = common.read_grid(tmp_path / "grid.csv")
+    harness.write_grid(tmp_path / "grid.csv", rows)
+    back = harness.read_grid(tmp_path / "grid.csv")
     assert back == sorted(rows, key=lambda r: r["point"])
-    assert common.plot_grid(back, tmp_path / "grid.png", "t").stat().st_size > 1000
+    assert harness.plot_grid(back, tmp_path / "grid.png", "t").stat().st_size > 1000
     none = [dict(r, status="not_reached", first_epoch_test_90=None) for r in rows]
-    assert common.best_point(none) is None
-    assert common.plot_grid(none, tmp_path / "none.png", "t").is_file()  # nothing reached: still a figure
+    assert harness.best_point(none) is None
+    assert harness.plot_grid(none, tmp_path / "none.png", "t").is_file()  # nothing reached: still a figure
 
 
 def test_best_point_breaks_ties_by_test_loss_then_point():
@@ -444,14 +445,14 @@ def test_best_point_breaks_ties_by_test_loss_then_point():
                 first_epoch_test_95=40, time_gap=30, final_train_acc=1.0, final_test_acc=0.99, epochs_run=50, status="reached")
     rows = [dict(base, point=0, final_test_loss=0.3), dict(base, point=1, final_test_loss=0.1),
             dict(base, point=2, final_test_loss=0.1), dict(base, point=3, final_test_loss=0.0, first_epoch_test_99=60)]
-    assert common.best_point(rows)["point"] == 1
+    assert harness.best_point(rows)["point"] == 1
 
 
 def test_exactly_95_percent_counts_the_same_from_memory_and_from_metrics_csv(tmp_path):
     acc = np.array([0.5, 190 / 200, 1.0], dtype=np.float32)  # float32 0.95 is 0.94999998...
     h = dict(epochs=np.array([0, 10, 20]), metrics=np.stack([np.stack([[1, a, 1, a, 1]]) for a in acc]).astype(np.float32))
-    write_metrics(tmp_path / "metrics.csv", common.history_rows("x", h))
-    back = common.read_metrics(tmp_path / "metrics.csv")["x"]["metrics"][:, 0, 1]  # float64 from text
+    write_metrics(tmp_path / "metrics.csv", harness.history_rows("x", h))
+    back = harness.read_metrics(tmp_path / "metrics.csv")["x"]["metrics"][:, 0, 1]  # float64 from text
     assert common.first_epoch(h["epochs"], acc, 0.95) == common.first_epoch(h["epochs"], back, 0.95) == 10
 
 
@@ -461,8 +462,8 @@ def test_run_files_get_the_mode_the_umask_gives(tmp_path, umask, mode):
     import os
     old = os.umask(umask)
     try:
-        common.write_atomic(tmp_path / "metrics.csv", "a,b\n")
-        common.save_json({"x": 1}, tmp_path / "summary.json")
+        harness.write_atomic(tmp_path / "metrics.csv", "a,b\n")
+        harness.save_json({"x": 1}, tmp_path / "summary.json")
     finally:
         os.umask(old)
     for name in ("metrics.csv", "summary.json"):
@@ -482,8 +483,8 @@ def test_grid_out_of_memory_halves_the_batch_and_finishes(capsys):
 
     data = _data()
     data = dict(data, x_test=data["x_train"], y_test=data["y_train"])
-    points = common.grid_points([1.0, 0.5], [3e-2, 1e-4, 1e30], [0.0])
-    rows, K = common.run_grid(points, build, data, epochs=150, threshold=0.9, eval_every=5, members=6)
+    points = harness.grid_points([1.0, 0.5], [3e-2, 1e-4, 1e30], [0.0])
+    rows, K = harness.run_grid(points, build, data, epochs=150, threshold=0.9, eval_every=5, members=6)
     assert sizes == [6, 3, 3] and K == 3 and "retrying with 3 members" in capsys.readouterr().err
     expected, _ = _tiny_grid(members=3)  # the batches it fell back to, run without the error
     assert rows == expected

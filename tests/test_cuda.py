@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import common
+import harness
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,15 +57,15 @@ def test_auto_members_fills_the_memory_up_to_the_cap_in_balanced_batches():
     def build(scales):
         return common.token_mlp(23, 2, 8, [32], 23, scales, [0] * len(scales)).to(DEV)
     # a tiny model: the cap (256) binds, and 1000 points run as 4 batches of 250
-    assert common.auto_members(build, _data(), 1000) == 250
-    assert common.auto_members(build, _data(), 1000, cap=1000, headroom=1e-6) < 250  # memory binds
+    assert harness.auto_members(build, _data(), 1000) == 250
+    assert harness.auto_members(build, _data(), 1000, cap=1000, headroom=1e-6) < 250  # memory binds
 
 
 def test_deterministic_runs_repeat_bit_for_bit():
     try:
         runs = []
         for _ in range(2):
-            common.set_seed(0, deterministic=True)
+            harness.set_seed(0, deterministic=True)
             h = common.train(_transformer(), _data(), epochs=30, lr=3e-3, wd=0.1, eval_every=5, quiet=True)
             runs.append(h["metrics"])
         np.testing.assert_array_equal(runs[0], runs[1])

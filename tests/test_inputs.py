@@ -182,8 +182,8 @@ def test_every_shipped_config_is_accepted_by_its_script(path):
     script = {"smoke": path.stem, "modular": "modular", "transformer": "transformer"}[path.parent.name]
     module = importlib.import_module(f"exp_{script}")
     choices = {"precision": common.PRECISIONS, **({"op": module.OPS} if hasattr(module, "OPS") else {})}
-    cfg = common.parse_config(module.Config(), ["--config", str(path), "--device", "cpu"], choices)
-    common.check_values(cfg)
+    cfg = harness.parse_config(module.Config(), ["--config", str(path), "--device", "cpu"], choices)
+    harness.check_values(cfg)
     if script == "mnist":
         cfg = type(cfg)(**{**cfg.__dict__, "data_dir": "."})  # the check does not read the data
     module.check(getattr(module, "resolve", lambda c: c)(cfg))

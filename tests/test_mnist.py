@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import common
+import harness
 import exp_mnist as em
 from common import ConfigError
 
@@ -149,7 +150,7 @@ def test_mnist_grid_runs_offline(idx_dir, tmp_path):
     r = run_script("--config", str(SMOKE), "--data_dir", str(idx_dir), "--grid", "--grid_init_scales", "1",
                    "--grid_lrs", "1e-3", "--grid_wds", "0", "0.3", "--grid_stop_at", "0.5", "--quiet", "--out", str(tmp_path / "g"))
     assert r.returncode == 0, r.stderr
-    rows = common.read_grid(tmp_path / "g" / "grid.csv")
+    rows = harness.read_grid(tmp_path / "g" / "grid.csv")
     assert [r["wd"] for r in rows] == [0.0, 0.3]
     for row in rows:  # a point is "reached" exactly when it has a first epoch at the threshold
         assert (row["status"] == "reached") == (row["first_epoch_test_50"] is not None), row

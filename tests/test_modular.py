@@ -10,6 +10,7 @@ import torch
 import yaml
 
 import common
+import harness
 import exp_modular as em
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,18 +79,18 @@ def test_resolve_fills_paper_values_per_op():
 def test_load_weak_embedding_checks_the_file(tmp_path):
     good = tmp_path / "good.pt"
     torch.save({"embedding": torch.randn(11, 4)}, good)
-    assert common.load_weak_embedding(str(good), 11).shape == (11, 4)
+    assert harness.load_weak_embedding(str(good), 11).shape == (11, 4)
     torch.save(torch.randn(10, 4), tmp_path / "shape.pt")
     with pytest.raises(common.ConfigError, match="vocabulary size 10 but p = 11"):
-        common.load_weak_embedding(str(tmp_path / "shape.pt"), 11)
+        harness.load_weak_embedding(str(tmp_path / "shape.pt"), 11)
     torch.save({"embedding": [1, 2, 3]}, tmp_path / "list.pt")
     with pytest.raises(common.ConfigError, match="must hold a float tensor"):
-        common.load_weak_embedding(str(tmp_path / "list.pt"), 11)
+        harness.load_weak_embedding(str(tmp_path / "list.pt"), 11)
     (tmp_path / "text.pt").write_text("not a tensor")
     with pytest.raises(common.ConfigError, match="is not a saved tensor"):
-        common.load_weak_embedding(str(tmp_path / "text.pt"), 11)
+        harness.load_weak_embedding(str(tmp_path / "text.pt"), 11)
     with pytest.raises(common.ConfigError, match="not found"):
-        common.load_weak_embedding(str(tmp_path / "missing.pt"), 11)
+        harness.load_weak_embedding(str(tmp_path / "missing.pt"), 11)
 
 
 def run_script(*args, cwd=ROOT):
@@ -115,7 +116,7 @@ def test_smoke_run_writes_a_complete_run_directory(tmp_path):
     assert set(s["phases"]) == {"weak", "groktransfer", "scratch"}
     for phase, ps in s["phases"].items():
         assert fields <= set(ps), phase
-        last = common.read_metrics(out / "metrics.csv")[phase]["metrics"][-1, 0]  # summary agrees with metrics.csv
+        last = harness.read_metrics(out / "metrics.csv")[phase]["metrics"][-1, 0]  # summary agrees with metrics.csv
         assert ps["final_test_acc"] == pytest.approx(float(last[common.TEST_ACC]))
         assert ps["epochs"] == (smoke["weak_epochs"] if phase == "weak" else smoke["epochs"])
     # sensible: the targets fit their training set, and the Time Gap is consistent with its epochs
@@ -125,7 +126,7 @@ def test_smoke_run_writes_a_complete_run_directory(tmp_path):
         if ps["time_gap"] is not None:
             assert ps["time_gap"] == ps["first_epoch_test_95"] - ps["first_epoch_train_95"]
 
-    metrics = common.read_metrics(out / "metrics.csv")
+    metrics = harness.read_metrics(out / "metrics.csv")
     for phase, d in metrics.items():
         assert np.isfinite(d["metrics"]).all()
         assert d["epochs"][0] == 0 and d["epochs"][-1] == s["phases"][phase]["epochs"]
@@ -158,14 +159,14 @@ def test_seeds_run_as_members_and_match_single_seed_runs(tmp_path):
     base = ["--config", str(SMOKE), "--device", "cpu", "--weak_epochs", "100", "--epochs", "60", "--quiet"]
     r = run_script(*base, "--seeds", "2", "--out", str(tmp_path / "both"))
     assert r.returncode == 0, r.stderr
-    both = common.read_metrics(tmp_path / "both" / "metrics.csv")
+    both = harness.read_metrics(tmp_path / "both" / "metrics.csv")
     s = json.loads((tmp_path / "both" / "summary.json").read_text())
     assert len(s["phases"]["groktransfer"]["members"]) == 2 and "time_gap_mean" in s["phases"]["scratch"]
     assert torch.load(tmp_path / "both" / "embedding.pt", weights_only=True)["embedding"].shape == (2, 23, 4)
     for seed in (0, 1):
         r = run_script(*base, "--seed", str(seed), "--out", str(tmp_path / f"s{seed}"))
         assert r.returncode == 0, r.stderr
-        alone = common.read_metrics(tmp_path / f"s{seed}" / "metrics.csv")
+        alone = harness.read_metrics(tmp_path / f"s{seed}" / "metrics.csv")
         for phase in ("weak", "groktransfer", "scratch"):
             np.testing.assert_allclose(both[phase]["metrics"][:, seed], alone[phase]["metrics"][:, 0], rtol=1e-4, atol=1e-5)
 
@@ -182,14 +183,14 @@ def test_grid_shards_merge_into_the_unsharded_grid(tmp_path):
     for i in (0, 1):
         r = run_script(*GRID, "--members", "1", "--shard", f"{i}/2", "--out", str(tmp_path / f"s{i}"))
         assert r.returncode == 0, r.stderr
-        assert [row["point"] for row in common.read_grid(tmp_path / f"s{i}" / "grid.csv")] == [i, i + 2]
+        assert [row["point"] for row in harness.read_grid(tmp_path / f"s{i}" / "grid.csv")] == [i, i + 2]
     r = run_script("--merge", str(tmp_path / "s0"), str(tmp_path / "s1"), "--out", str(tmp_path / "merged"))
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "merged" / "grid.csv").read_text() == (tmp_path / "all" / "grid.csv").read_text()
-    rows = common.read_grid(tmp_path / "all" / "grid.csv")
+    rows = harness.read_grid(tmp_path / "all" / "grid.csv")
     assert len(rows) == 4 and {r["status"] for r in rows} >= {"reached", "not_reached"}  # the grid discriminates
     meta, merged = (json.loads((tmp_path / d / "grid.json").read_text()) for d in ("all", "merged"))
-    assert meta["best"] == merged["best"] == common.best_point(rows) and meta["n_points"] == 4
+    assert meta["best"] == merged["best"] == harness.best_point(rows) and meta["n_points"] == 4
     assert (meta["phase"], meta["threshold"], meta["lrs"]) == ("scratch", 0.9, [1e-2, 3e-2])
     assert (tmp_path / "all" / "grid.png").is_file() and (tmp_path / "merged" / "grid.png").is_file()
     # an incomplete set of shards, or a shard given twice, is refused
@@ -206,7 +207,7 @@ def test_grid_over_groktransfer_trains_the_weak_model_first(tmp_path):
     assert r.returncode == 0, r.stderr
     assert (out / "embedding.pt").is_file()
     assert list(json.loads((out / "summary.json").read_text())["phases"]) == ["weak"]
-    rows = common.read_grid(out / "grid.csv")
+    rows = harness.read_grid(out / "grid.csv")
     assert [(r["init_scale"], r["lr"], r["wd"]) for r in rows] == [(0.3, 1e-2, 1.0), (0.3, 1e-2, 2.0)]
     assert json.loads((out / "grid.json").read_text())["weak"]["epochs"] == yaml.safe_load(SMOKE.read_text())["weak_epochs"]
 

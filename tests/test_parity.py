@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import common
+import harness
 import exp_parity as ep
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,7 +70,7 @@ def test_smoke_run_and_the_weak_model_stops_at_transfer_at(tmp_path):
     weak = s["phases"]["weak"]
     assert weak["transfer_target_reached"] and weak["transfer_test_acc"] >= 0.7
     assert weak["epochs"] == weak["transfer_epoch"] < 2000
-    m = common.read_metrics(out / "metrics.csv")
+    m = harness.read_metrics(out / "metrics.csv")
     before = m["weak"]["metrics"][m["weak"]["epochs"] < weak["transfer_epoch"], 0, common.TEST_ACC]
     assert (before < 0.7).all()  # it stopped at the first evaluation at or above 70%
     emb = torch.load(out / "embedding.pt", weights_only=True)["embedding"]
@@ -88,6 +89,6 @@ def test_parity_grid_runs_with_the_logistic_loss(tmp_path):
     r = run_script("--config", str(SMOKE), "--grid", "--grid_phase", "scratch", "--grid_init_scales", "1",
                    "--grid_lrs", "1e-2", "--grid_wds", "0.1", "1", "--grid_stop_at", "0.9", "--quiet", "--out", str(tmp_path / "g"))
     assert r.returncode == 0, r.stderr
-    rows = common.read_grid(tmp_path / "g" / "grid.csv")
+    rows = harness.read_grid(tmp_path / "g" / "grid.csv")
     assert [r["wd"] for r in rows] == [0.1, 1.0] and all(r["status"] == "reached" for r in rows)
     assert json.loads((tmp_path / "g" / "grid.json").read_text())["experiment"] == "parity"

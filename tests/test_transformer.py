@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import common
+import harness
 import exp_modular
 import exp_transformer as et
 
@@ -135,13 +136,13 @@ def test_resume_with_grokfast_equals_one_straight_run(tmp_path):
                                   init_scales=1.0, seeds=[0, 1])
     kw = dict(lr=3e-3, wd=0.1, eval_every=5, quiet=True)
     straight = common.train(model(), data, epochs=20, grad_filter=et.GrokFast(0.9, 2.0), **kw)
-    class FirstOnly(common.Checkpoint):  # keeps the epoch-10 checkpoint, as if the run died after it
+    class FirstOnly(harness.Checkpoint):  # keeps the epoch-10 checkpoint, as if the run died after it
         def save(self, state):
             if not self.path.exists():
                 super().save(state)
     common.train(model(), data, epochs=20, ckpt=FirstOnly(tmp_path / "ck.pt", every=10),
                  grad_filter=et.GrokFast(0.9, 2.0), **kw)
-    ck = common.Checkpoint(tmp_path / "ck.pt", every=10, resume=True)
+    ck = harness.Checkpoint(tmp_path / "ck.pt", every=10, resume=True)
     assert ck.load()["epoch"] == 10 and ck.load()["opt"]["grad_filter"] is not None
     resumed = common.train(model(), data, epochs=20, ckpt=ck, grad_filter=et.GrokFast(0.9, 2.0), **kw)
     np.testing.assert_array_equal(straight["epochs"], resumed["epochs"])
@@ -182,7 +183,7 @@ def test_smoke_run_writes_every_phase_and_table1(tmp_path):
     weak = s["table1"][0]
     assert weak["ms"] == pytest.approx(1e3 * s["phases"]["weak"]["compute_s"], abs=0.2)
     assert weak["epochs"] == (s["phases"]["weak"]["stopped_at"] or s["phases"]["weak"]["epochs"])
-    metrics = common.read_metrics(run / "metrics.csv")
+    metrics = harness.read_metrics(run / "metrics.csv")
     assert list(metrics) == ["weak", "groktransfer", "scratch", "grokfast"]
     for phase in ("groktransfer", "scratch", "grokfast"):
         m = metrics[phase]["metrics"][:, 0]  # (E, 5)
@@ -221,7 +222,7 @@ def test_parity_task_runs_the_transformer_on_bit_tokens(tmp_path):
     assert r.returncode == 0, r.stderr
     s = json.loads((run / "summary.json").read_text())
     assert s["n_train"] == 64 and list(s["phases"]) == ["scratch"]
-    epochs, align = common.read_progress(run / "progress.csv")["scratch"]["kernel_alignment"]
+    epochs, align = harness.read_progress(run / "progress.csv")["scratch"]["kernel_alignment"]
     assert epochs.tolist() == [0, 1, 2, 4, 8, 10, 20] and np.all(np.abs(align) <= 1)
     cfg = et.Config(op="parity", q=6, k=2, n=64, n_test=64)
     d = et.make_data(cfg, "cpu")

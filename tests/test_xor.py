@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import common
+import harness
 import exp_xor as ex
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -130,7 +131,7 @@ def test_smoke_run_writes_everything(tmp_path):
     assert list(s["phases"]) == ["scratch", "weak", "groktransfer"]
     gt, weak = s["phases"]["groktransfer"], s["phases"]["weak"]
     assert len(weak["weak_neuron_features"]) == 3 and all(len(f["feature"]) == 2 for f in weak["weak_neuron_features"])
-    m = common.read_metrics(out / "metrics.csv")
+    m = harness.read_metrics(out / "metrics.csv")
     one = m["groktransfer"]["metrics"][list(m["groktransfer"]["epochs"]).index(1), 0]  # the row after one step
     assert gt["one_step_train_acc"] == pytest.approx(float(one[common.TRAIN_ACC]))
     assert gt["one_step_test_acc"] == pytest.approx(float(one[common.TEST_ACC]))
