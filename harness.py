@@ -192,7 +192,7 @@ def check_values(cfg):
                                   + (f" with seeds = {cfg.seeds}" if last != v else ""))
         if key == "ckpt_every" and v < 0:
             raise ConfigError(f"ckpt_every must be >= 0 (0: at each phase's end only), got {v}")
-        if key.endswith("eval_every") and v > 0:
+        if key.endswith("eval_every") and v > 0 and hasattr(cfg, "resume"):  # a run's, not bench.py's timing
             epochs = getattr(cfg, key[:-len("eval_every")] + "epochs", None)
             if isinstance(epochs, int) and 0 < epochs < v:
                 raise ConfigError(f"{key} ({v}) is larger than {key[:-len('eval_every')]}epochs ({epochs}): "
@@ -606,9 +606,10 @@ def script(main):
             fail(str(e))
         except Interrupted as e:
             what, status = SIGNAL_NAMES.get(e.signum, "stopped"), EXIT_STATUS.get(e.signum, 130)
-            hint = f"resume: {resume_command(_OPEN_RUNS[-1])}" if _OPEN_RUNS else "no run directory"
-            saved = "checkpoint and metrics saved" if e.saved else "not checkpointed"
-            fail(f"{what} at {e.where}; {saved}; {hint}", status=status)
+            resume = resume_command(_OPEN_RUNS[-1]) if _OPEN_RUNS else "the same command with --resume"
+            if e.saved:
+                fail(f"{what} at {e.where}; checkpoint and metrics saved. Resume: {resume}", status=status)
+            fail(f"{what} at {e.where} (not checkpointed); resume: {resume}", status=status)
     return run
 
 

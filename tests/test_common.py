@@ -203,7 +203,7 @@ def test_stop_at_freezes_a_member_and_ends_when_all_stopped():
     assert h["epochs_run"] == 300  # member 1 keeps the phase going
     after = h["metrics"][h["epochs"] >= stop, 0]
     assert (after == after[0]).all()  # member 0 frozen from its stop epoch on
-    assert common.summarize(h, 0)["stopped_at"] == stop
+    assert common.member_summary(h, 0)["stopped_at"] == stop
     # when every member has stopped, the phase ends there
     model = common.token_mlp(13, 2, 4, [32], 13, [1.0, 1.0], [0, 1])
     h = common.train(model, data, epochs=300, lr=3e-2, wd=0.0, eval_every=5, stop_at=0.9, quiet=True)
@@ -238,7 +238,7 @@ def test_a_nan_member_is_marked_failed_and_does_not_touch_the_others():
     alone = common.token_mlp(13, 2, 4, [16], 13, [1.0], [1])
     ha = common.train(alone, data, epochs=30, lr=1e-2, wd=0.1, eval_every=10, quiet=True)
     np.testing.assert_allclose(h["metrics"][:, 1], ha["metrics"][:, 0], rtol=1e-4, atol=1e-5)
-    s = common.summarize(h, 0)
+    s = common.member_summary(h, 0)
     assert s["diverged_at"] == 0 and s["final_train_acc"] is None
 
 
@@ -317,7 +317,7 @@ def test_summarize_members_gives_the_seed_band_and_counts_never_reached_as_zero_
     members = [dict(time_gap=g, inverse_time_gap=common.inverse_time_gap(g), final_train_acc=1.0, final_test_acc=a,
                     first_epoch_train_95=tr, first_epoch_test_95=te, epochs=100, wall_s=1.0) for g, a, tr, te in runs]
     s = common.summarize_members(members)
-    assert s["time_gap_mean"] == 30 and s["n_reached_95"] == 3 and s["fraction_reached_95"] == 0.75
+    assert s["time_gap_mean"] == 30 and s["n_reached_train_and_test_95"] == 3 and s["fraction_reached_test_95"] == 0.75
     assert (s["time_gap_median"], s["time_gap_min"], s["time_gap_max"]) == (30, 10, 50)
     assert (s["first_epoch_train_95_median"], s["first_epoch_test_95_min"]) == (25, 50)  # median of an even count
     assert s["inverse_time_gap_mean"] == pytest.approx((1 / 10 + 1 / 30 + 0 + 1 / 50) / 4)

@@ -9,13 +9,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import harness
+
 from conftest import fake_digits, write_idx
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = ("modular", "xor", "parity", "transformer", "mnist")
+SCRIPTS = ("modular", "modular_studies", "xor", "parity", "transformer", "mnist")
 SMOKE = {s: ROOT / "configs" / "smoke" / f"{s}.yaml" for s in SCRIPTS}
 # per script: a learning rate, a weight decay and an epoch count of its config
-KEYS = {"modular": ("gt_lr", "scratch_wd", "epochs"), "xor": ("target_lr", "scratch_wd", "scratch_epochs"),
+KEYS = {"modular": ("gt_lr", "scratch_wd", "epochs"), "modular_studies": ("oinfo_lr", "weak_wd", "epochs"), "xor": ("target_lr", "scratch_wd", "scratch_epochs"),
         "parity": ("gt_lr", "scratch_wd", "epochs"), "transformer": ("gt_lr", "scratch_wd", "epochs"),
         "mnist": ("gt_lr", "scratch_wd", "epochs")}
 
@@ -50,12 +52,16 @@ PER_SCRIPT = {
                 "width 0": (["--width", "0"], "width must be positive"),
                 "track": (["--track", "ntk,loss"], "track must be a subset of"),
                 "track_every": (["--track", "ntk", "--track_every", "15"], "must be a multiple of eval_every"),
-                "study": (["--study", "everything"], "'study' must be one of"),
-                "embeddings": (["--study", "embeddings", "--embeddings", "onehot,gpt"], "embeddings must be"),
-                "merge_at": (["--study", "low_rank", "--merge_at", "500"], "merge_at (500) must be below epochs"),
-                "snapshots": (["--study", "weak_epochs", "--weak_snapshots", "0,100"], "weak_snapshots must be"),
-                "grid and merge": (["--grid", "--merge", "x"], "give one of them"),
+                "study": (["--study", "embeddings"], "unknown config key 'study'"),
+                "track oinfo": (["--track", "oinfo"], "track must be a subset of ntk, cka"),
                 "shard": (["--grid", "--shard", "3/2"], "shard i/n needs 0 <= i < n")},
+    "modular_studies": {"study": (["--study", "everything"], "'study' must be one of"),
+                        "embeddings": (["--study", "embeddings", "--embeddings", "onehot,gpt"], "embeddings must be"),
+                        "merge_at": (["--study", "low_rank", "--merge_at", "500"], "merge_at (500) must be below"),
+                        "snapshots": (["--study", "weak_epochs", "--weak_snapshots", "0,100"],
+                                      "weak_snapshots must be"),
+                        "track oinfo": (["--track", "oinfo"], "track 'oinfo' is for --study oinfo"),
+                        "p too large": (["--p", "400000"], "GiB of memory")},
     "xor": {"eps": (["--eps", "1.5"], "eps must be in (0, 1)"), "p": (["--p", "2"], "p must be >= 3"),
             "wd_form": (["--wd_form", "adamw"], "'wd_form' must be one of torch, literal"),
             "literal wd": (["--wd_form", "literal", "--weak_wd", "1"], "weak_wd must be >= 0"),
@@ -179,7 +185,8 @@ CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
 def test_every_shipped_config_is_accepted_by_its_script(path):
     """Each config parses with its script's types and passes the script's checks (nothing is run)."""
     import common
-    script = {"smoke": path.stem, "modular": "modular", "transformer": "transformer"}[path.parent.name]
+    script = {"smoke": path.stem, "modular": "modular_studies" if path.stem.startswith("study_") else "modular",
+              "transformer": "transformer"}[path.parent.name]
     module = importlib.import_module(f"exp_{script}")
     choices = {"precision": common.PRECISIONS, **({"op": module.OPS} if hasattr(module, "OPS") else {})}
     cfg = harness.parse_config(module.Config(), ["--config", str(path), "--device", "cpu"], choices)

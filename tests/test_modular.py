@@ -114,14 +114,15 @@ def test_smoke_run_writes_a_complete_run_directory(tmp_path):
     fields = {"first_epoch_train_95", "first_epoch_test_95", "time_gap", "final_train_acc", "final_test_acc",
               "epochs", "wall_s"}
     assert set(s["phases"]) == {"weak", "groktransfer", "scratch"}
-    for phase, ps in s["phases"].items():
-        assert fields <= set(ps), phase
+    for phase, band in s["phases"].items():
+        ps = band["members"][0]  # one member; the band fields beside it are a band of one
+        assert fields <= set(ps) and band["time_gap_median"] == ps["time_gap"], phase
         last = harness.read_metrics(out / "metrics.csv")[phase]["metrics"][-1, 0]  # summary agrees with metrics.csv
         assert ps["final_test_acc"] == pytest.approx(float(last[common.TEST_ACC]))
         assert ps["epochs"] == (smoke["weak_epochs"] if phase == "weak" else smoke["epochs"])
     # sensible: the targets fit their training set, and the Time Gap is consistent with its epochs
     for phase in ("groktransfer", "scratch"):
-        ps = s["phases"][phase]
+        ps = s["phases"][phase]["members"][0]
         assert ps["final_train_acc"] == 1.0
         if ps["time_gap"] is not None:
             assert ps["time_gap"] == ps["first_epoch_test_95"] - ps["first_epoch_train_95"]
@@ -130,7 +131,7 @@ def test_smoke_run_writes_a_complete_run_directory(tmp_path):
     for phase, d in metrics.items():
         assert np.isfinite(d["metrics"]).all()
         assert d["epochs"][0] == 0 and d["epochs"][-1] == s["phases"][phase]["epochs"]
-        assert abs(d["metrics"][-1, 0, 3] - s["phases"][phase]["final_test_acc"]) < 1e-6
+        assert abs(d["metrics"][-1, 0, 3] - s["phases"][phase]["members"][0]["final_test_acc"]) < 1e-6
     emb = torch.load(out / "embedding.pt", weights_only=True)
     assert emb["embedding"].shape == (smoke["p"], 4)
 
@@ -141,7 +142,8 @@ def test_smoke_run_writes_a_complete_run_directory(tmp_path):
     assert r.returncode == 0, r.stderr
     s2 = json.loads((out2 / "summary.json").read_text())
     assert list(s2["phases"]) == ["groktransfer"]
-    assert s2["phases"]["groktransfer"]["final_test_acc"] == pytest.approx(s["phases"]["groktransfer"]["final_test_acc"], abs=1e-6)
+    gt, gt2 = (x["phases"]["groktransfer"]["members"][0]["final_test_acc"] for x in (s, s2))
+    assert gt2 == pytest.approx(gt, abs=1e-6)
 
 
 def test_transfer_at_stops_the_weak_model(tmp_path):
@@ -150,8 +152,8 @@ def test_transfer_at_stops_the_weak_model(tmp_path):
                    "--transfer_at", "0.08", "--weak_epochs", "3000")
     assert r.returncode == 0, r.stderr
     weak = json.loads((out / "summary.json").read_text())["phases"]["weak"]
-    assert weak["transfer_target_reached"] and weak["transfer_epoch"] < 3000
-    assert weak["transfer_test_acc"] >= 0.08 and weak["epochs"] == weak["transfer_epoch"]
+    assert weak["transfer_target_reached"] and weak["transfer_epoch"][0] < 3000
+    assert weak["transfer_test_acc"][0] >= 0.08 and weak["epochs"] == weak["transfer_epoch"][0]
 
 
 def test_seeds_run_as_members_and_match_single_seed_runs(tmp_path):
@@ -184,7 +186,7 @@ def test_grid_shards_merge_into_the_unsharded_grid(tmp_path):
         r = run_script(*GRID, "--members", "1", "--shard", f"{i}/2", "--out", str(tmp_path / f"s{i}"))
         assert r.returncode == 0, r.stderr
         assert [row["point"] for row in harness.read_grid(tmp_path / f"s{i}" / "grid.csv")] == [i, i + 2]
-    r = run_script("--merge", str(tmp_path / "s0"), str(tmp_path / "s1"), "--out", str(tmp_path / "merged"))
+    r = merge(str(tmp_path / "s0"), str(tmp_path / "s1"), "--out", str(tmp_path / "merged"))
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "merged" / "grid.csv").read_text() == (tmp_path / "all" / "grid.csv").read_text()
     rows = harness.read_grid(tmp_path / "all" / "grid.csv")
@@ -194,10 +196,23 @@ def test_grid_shards_merge_into_the_unsharded_grid(tmp_path):
     assert (meta["phase"], meta["threshold"], meta["lrs"]) == ("scratch", 0.9, [1e-2, 3e-2])
     assert (tmp_path / "all" / "grid.png").is_file() and (tmp_path / "merged" / "grid.png").is_file()
     # an incomplete set of shards, or a shard given twice, is refused
-    r = run_script("--merge", str(tmp_path / "s0"), "--out", str(tmp_path / "part"))
+    r = merge(str(tmp_path / "s0"), "--out", str(tmp_path / "part"))
     assert r.returncode == 2 and "2 of 4 grid points" in r.stderr and not (tmp_path / "part").exists()
-    r = run_script("--merge", str(tmp_path / "s0"), str(tmp_path / "s0"), "--out", str(tmp_path / "twice"))
+    r = merge(str(tmp_path / "s0"), str(tmp_path / "s0"), "--out", str(tmp_path / "twice"))
     assert r.returncode == 2 and "in both" in r.stderr
+    # never over a shard or another run: the target must be new or empty, and the shards stay as they were
+    before = (tmp_path / "s0" / "grid.csv").read_bytes()
+    for target in ("s0", "all"):
+        r = merge(str(tmp_path / "s0"), str(tmp_path / "s1"), "--out", str(tmp_path / target))
+        assert r.returncode == 2 and "already holds files" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert (tmp_path / "s0" / "grid.csv").read_bytes() == before
+    r = merge("nowhere", "--out", str(tmp_path / "m"))
+    assert r.returncode == 2 and "no grid.csv and grid.json in nowhere" in r.stderr
+
+
+def merge(*args):
+    return subprocess.run([sys.executable, str(ROOT / "harness.py"), "merge", *args], capture_output=True, text=True,
+                          cwd=ROOT)
 
 
 def test_grid_over_groktransfer_trains_the_weak_model_first(tmp_path):
@@ -219,7 +234,6 @@ def test_grid_over_groktransfer_trains_the_weak_model_first(tmp_path):
     (["--grid", "--grid_lrs", "0.1", "-1"], "grid_lrs must be"),
     (["--grid", "--grid_phase", "weak"], "'grid_phase' must be one of"),
     (["--grid", "--members", "-1"], "members must be >= 0"),
-    (["--merge", "nowhere"], "no grid.csv and grid.json in nowhere"),
 ])
 def test_bad_grid_input_exits_2(tmp_path, args, words):
     r = run_script("--config", str(SMOKE), "--out", str(tmp_path / "run"), *args, cwd=tmp_path)

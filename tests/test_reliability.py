@@ -226,9 +226,10 @@ def test_a_log_file_names_the_phases_and_says_where_each_phase_is(tmp_path, monk
     """Without a terminal: a first line naming every phase; with LOG_SECONDS = 0 (a slow machine), a
     line at every evaluation with the epoch out of the phase's total and an ETA."""
     import common
+    import harness
     import exp_modular
     monkeypatch.setattr(common, "LOG_SECONDS", 0.0)
-    monkeypatch.setattr(common, "catch_signals", lambda: None)  # keep pytest's own Ctrl-C handler
+    monkeypatch.setattr(harness, "catch_signals", lambda: None)  # keep pytest's own Ctrl-C handler
     monkeypatch.chdir(tmp_path)
     exp_modular.main(["--config", str(SMOKE["modular"]), "--epochs", "40", "--stop_at", "0.05",
                       "--out", str(tmp_path / "r")])

@@ -72,8 +72,8 @@ def test_study_weak_epochs_resumes_after_an_interrupt(tmp_path):
         time.sleep(0.01)
     p.send_signal(__import__("signal").SIGINT)
     _, err = p.communicate()
-    assert p.returncode == 130 and "resume:" in err, err
-    resume = err.split("resume: ", 1)[1].strip().split()[1:]
+    assert p.returncode == 130 and "Resume:" in err, err
+    resume = err.split("Resume: ", 1)[1].strip().split()[1:]
     r = subprocess.run([sys.executable, *resume], capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     s = json.loads((out / "summary.json").read_text())

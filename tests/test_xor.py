@@ -130,14 +130,15 @@ def test_smoke_run_writes_everything(tmp_path):
     s = json.loads((out / "summary.json").read_text())
     assert list(s["phases"]) == ["scratch", "weak", "groktransfer"]
     gt, weak = s["phases"]["groktransfer"], s["phases"]["weak"]
-    assert len(weak["weak_neuron_features"]) == 3 and all(len(f["feature"]) == 2 for f in weak["weak_neuron_features"])
+    features = weak["weak_neuron_features"][0]  # member 0's three neurons
+    assert len(features) == 3 and all(len(f["feature"]) == 2 for f in features)
     m = harness.read_metrics(out / "metrics.csv")
     one = m["groktransfer"]["metrics"][list(m["groktransfer"]["epochs"]).index(1), 0]  # the row after one step
-    assert gt["one_step_train_acc"] == pytest.approx(float(one[common.TRAIN_ACC]))
-    assert gt["one_step_test_acc"] == pytest.approx(float(one[common.TEST_ACC]))
+    assert gt["one_step_train_acc"] == pytest.approx([float(one[common.TRAIN_ACC])])
+    assert gt["one_step_test_acc"] == pytest.approx([float(one[common.TEST_ACC])])
     assert m["scratch"]["epochs"][-1] == 40 and m["groktransfer"]["epochs"][:3].tolist() == [0, 1, 2]
     at1 = m["groktransfer"]["metrics"][1, 0]
-    assert at1[1] == pytest.approx(gt["one_step_train_acc"]) and at1[3] == pytest.approx(gt["one_step_test_acc"])
+    assert at1[1] == pytest.approx(gt["one_step_train_acc"][0]) and at1[3] == pytest.approx(gt["one_step_test_acc"][0])
     U = torch.load(out / "embedding.pt", weights_only=True)["U"]
     assert U.shape == (1, 300, 3) and weak["norm_ratio"][0] == pytest.approx(ex.norm_ratio(U).item(), rel=1e-5)
 
