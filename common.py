@@ -10,11 +10,10 @@ weight decays) as stacked parameters:
   - forward(x) takes one batch x (n, ...) shared by the members and returns logits (K, n, C);
   - a transferable embedding is a module with table() -> (K, vocab, d) (tokens) and project(x) ->
     (K, n, d) (dense inputs): `Embedding`, `FactoredEmbedding`.
-`train` steps all members together with batched matmuls and checks the first two rules (a one-line
-ValueError naming the rule otherwise). Members never mix: the loss is a sum of per-member losses and
-each member draws its init from its own seeded generator, so a member trained among others follows
-the trajectory it follows alone (to rounding). K = 1 is the ordinary run; seed bands and the grid
-search use the same code.
+`train` steps the members together with batched matmuls and checks the first two rules (ConfigError
+naming the rule). Members never mix: the loss is a sum of per-member losses and each member draws
+its init from its own seeded generator, so a member trained among others follows the trajectory it
+follows alone (to rounding). K = 1 is the ordinary run; seed bands and the grid use the same code.
 
 Map, in the order a run uses it:
   1. Models       Embedding, FactoredEmbedding, factored_embedding, MLP, token_mlp, dense_mlp
@@ -42,13 +41,11 @@ import torch.nn.functional as F
 
 
 class ConfigError(ValueError):
-    """Bad input: a setting, a file or a model that breaks the contract above. The harness turns it into
-    a one-line message and exit status 2."""
+    """Bad input: a setting, a file or a model that breaks the contract above (harness: exit 2)."""
 
 
 class Interrupted(Exception):
-    """`train` stopped at a step boundary because `stop()` asked it to (the harness's signal flag);
-    the phase was checkpointed first when it has a checkpoint (`saved`)."""
+    """`train` stopped at a step boundary because `stop()` asked it to; checkpointed first if `saved`."""
 
     def __init__(self, signum: int, where: str, saved: bool):
         super().__init__(where)
@@ -62,9 +59,7 @@ class Interrupted(Exception):
 
 def _per_member(value, K: int) -> list[float]:
     """A scalar or a length-K sequence -> list of K floats."""
-    if isinstance(value, (int, float)):
-        return [float(value)] * K
-    value = [float(v) for v in value]
+    value = [float(value)] * K if isinstance(value, (int, float)) else [float(v) for v in value]
     if len(value) != K:
         raise ValueError(f"expected {K} per-member values, got {len(value)}")
     return value
@@ -432,10 +427,9 @@ def train(model, data, *, epochs: int, lr=None, wd=None, betas=None, eps=None, e
     compact: once at most half the members still train, drop the frozen ones (a grid search); their
     rows then repeat their last values.
     ckpt: the phase's checkpoint (harness.Checkpoint: every, resume, load(), save(state),
-    on_interrupt(history), stop_requested()): saved every ckpt.every epochs and at the end; with
-    ckpt.resume the phase continues from it. stop: a function read at every step boundary (default
-    ckpt.stop_requested); when it returns a signal number the phase is checkpointed (if it has a
-    checkpoint) and Interrupted is raised: the caller decides what to print and how to exit.
+    on_interrupt(history), stop_requested()), saved every ckpt.every epochs and at the end, resumed
+    from with ckpt.resume. stop (default ckpt.stop_requested), read at every step boundary: a signal
+    number checkpoints the phase and raises Interrupted; the caller prints and exits.
     grad_filter: changes every gradient before the AdamW step (AdamW). tracker: progress measures,
     history["tracked"] = {"epochs": (T,), name: (T, K)}.
     step, evaluate_fn: a loop of the script's own (exp_xor's analytic gradient descent): `model` is then
@@ -457,8 +451,8 @@ def train(model, data, *, epochs: int, lr=None, wd=None, betas=None, eps=None, e
         step = functools.partial(adamw_step, model, opt, data["x_train"], data["y_train"], loss_fn)
         evaluate_fn = functools.partial(evaluate, model, data, loss_fn, acc_fn)
     else:
-        given = dict(lr=lr, wd=wd, betas=betas, eps=eps, loss_fn=loss_fn, acc_fn=acc_fn, grad_filter=grad_filter,
-                     compact=compact or None)
+        given = dict(lr=lr, wd=wd, betas=betas, eps=eps, loss_fn=loss_fn, acc_fn=acc_fn,
+                     grad_filter=grad_filter, compact=compact or None)
         ignored = [k for k, v in given.items() if v is not None]
         if ignored or evaluate_fn is None:
             raise ValueError(f"train with a step of its own takes evaluate_fn and no AdamW arguments; got "
@@ -519,9 +513,8 @@ def check_contract(model, x: torch.Tensor):
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ConfigError(f"model contract: {name}(x) fails on one input point ({first})") from None
     if not torch.is_tensor(out) or out.dim() != 3 or tuple(out.shape[:2]) != (K, 1):
-        got = tuple(out.shape) if torch.is_tensor(out) else type(out).__name__
         raise ConfigError(f"model contract: {name}(x) must return logits (K, n, C) = ({K}, 1, C) for one "
-                          f"input point; got {got} (see the top of common.py)")
+                          f"input point; got {tuple(getattr(out, 'shape', ()))} (see the top of common.py)")
 
 
 def adamw_step(model, opt, x, y, loss_fn):

@@ -39,6 +39,7 @@ import harness
 from common import ConfigError
 
 OPS = ("add", "sub", "mul", "div")
+GRID = harness.PAPER_GRID  # the appendix's grid: init scale x lr x wd
 PHASES = ("weak", "groktransfer", "scratch")
 TRACKABLE = ("ntk", "cka")  # progress measures: NTK change, kernel alignment
 
@@ -55,8 +56,8 @@ TRACKABLE = ("ntk", "cka")  # progress measures: NTK change, kernel alignment
 #   mul's best, (1.0, 1e-2, 0.3), reaches 99.8%: not a weak model; its runner-up ends at 56%.
 # sub and div are not in the paper; they use the add values.
 SETTINGS = {
-    "add": dict(weak=(0.5, 1e-2, 0.3), gt=(0.3, 1e-3, 1.0), scratch=(0.1, 1e-2, 2.0)),  # paper scratch (0.1, 0.1, 2)
-    "mul": dict(weak=(1.0, 1e-2, 1.0), gt=(0.3, 5e-3, 3.0), scratch=(0.1, 1e-2, 2.0)),  # paper scratch (0.1, 0.1, 2)
+    "add": dict(weak=(0.5, 1e-2, 0.3), gt=(0.3, 1e-3, 1.0), scratch=(0.1, 1e-2, 2.0)),  # paper: (0.1, 0.1, 2)
+    "mul": dict(weak=(1.0, 1e-2, 1.0), gt=(0.3, 5e-3, 3.0), scratch=(0.1, 1e-2, 2.0)),
 }
 
 
@@ -76,7 +77,7 @@ class Config:
     weak_init_scale: float | None = None  # ours: add 0.5, mul 1.0
     weak_lr: float | None = None  # ours: 1e-2
     weak_wd: float | None = None  # ours: add 0.3, mul 1.0
-    transfer_at: float | None = None  # take the weak embedding when test acc first reaches this (None: at the end)
+    transfer_at: float | None = None  # take A when the weak test acc first reaches this (none: at the end)
     weak_embedding: str = ""  # path to a saved embedding.pt: skip training the weak model, transfer this one
     # --- target model (appendix A.3.1: three-layer FNN, (d_embed, width) = (128, 512))
     d_embed: int = 128  # d_T, the target's embedding dimension
@@ -86,8 +87,8 @@ class Config:
     # (the paper's, except scratch lr: 1e-2 where the paper says 0.1, which does not train here)
     gt_init_scale: float | None = None  # init scale of B and the layers; A is the weak embedding as is
     gt_lr: float | None = None  # AdamW learning rate of the GrokTransfer target (paper: add 1e-3, mul 5e-3)
-    gt_wd: float | None = None  # AdamW (decoupled) weight decay of the GrokTransfer target (paper: add 1, mul 3)
-    scratch_init_scale: float | None = None  # init scale of the scratch target, embedding included (paper: 0.1)
+    gt_wd: float | None = None  # AdamW (decoupled) weight decay of the GrokTransfer target (paper: 1, 3)
+    scratch_init_scale: float | None = None  # init scale of the scratch target, embedding too (paper: 0.1)
     scratch_lr: float | None = None  # ours 1e-2; paper 0.1, which does not train here (SETTINGS)
     scratch_wd: float | None = None  # paper: 2
     # --- optimisation (AdamW, full batch, cross-entropy; betas/eps not stated: PyTorch defaults)
@@ -100,10 +101,10 @@ class Config:
     # --- grid search (appendix A.3): --grid trains every (init scale, lr, wd) below for one
     # target phase and picks the point that first reaches grid_stop_at test accuracy
     grid: bool = False  # run the grid instead of the phases; writes grid.csv, grid.json, grid.png
-    grid_phase: str = "groktransfer"  # groktransfer (trains the weak model first, or --weak_embedding) or scratch
-    grid_init_scales: list[float] = field(default_factory=lambda: list(harness.PAPER_GRID["init_scales"]))  # 0.05, 0.1..1.5
-    grid_lrs: list[float] = field(default_factory=lambda: list(harness.PAPER_GRID["lrs"]))  # 1e-4 .. 1.0, 8 values
-    grid_wds: list[float] = field(default_factory=lambda: list(harness.PAPER_GRID["wds"]))  # 1e-4 .. 5, 9 values
+    grid_phase: str = "groktransfer"  # groktransfer (after the weak model, or --weak_embedding) or scratch
+    grid_init_scales: list[float] = field(default_factory=lambda: list(GRID["init_scales"]))  # 0.05, 0.1..1.5
+    grid_lrs: list[float] = field(default_factory=lambda: list(GRID["lrs"]))  # 1e-4 .. 1.0, 8 values
+    grid_wds: list[float] = field(default_factory=lambda: list(GRID["wds"]))  # 1e-4 .. 5, 9 values
     grid_stop_at: float = 0.99  # selection threshold: "first to reach 99% test acc" (Fig 1b and 2: 0.9)
     members: int = 0  # grid points trained at once as members of one model; 0 = as many as fit in memory
     shard: str = ""  # i/n: run points i, i+n, i+2n, ... of the grid (one job of a job array)
@@ -120,15 +121,15 @@ class Config:
     name: str = ""  # run directory name under runs/modular/ (default: a timestamp)
     out: str = ""  # explicit run directory (overrides name)
     quiet: bool = False  # no progress bar or log lines
-    ckpt_every: int = 1000  # checkpoint every N epochs (and at the end of each phase) in the run directory; 0 = ends only
-    resume: bool = False  # continue the run in --out/--name from its checkpoints (finished phases are skipped)
+    ckpt_every: int = 1000  # checkpoint every N epochs and at each phase's end; 0 = ends only
+    resume: bool = False  # continue the run in --out/--name from its checkpoints (finished phases are read)
 
 
 def check_task(op: str, p: int, train_frac: float):
     """The task's own constraints (also used by exp_transformer.py)."""
     if p < 2:
         raise ConfigError(f"p must be >= 2, got {p}")
-    harness.check_memory(p * p * 100, f"p = {p} ({p * p:.3g} pairs)")  # tokens, labels, split: ~100 bytes a pair
+    harness.check_memory(p * p * 100, f"p = {p} ({p * p:.3g} pairs)")  # tokens, labels, split: ~100 B a pair
     if op == "div" and any(p % q == 0 for q in range(2, int(p ** 0.5) + 1)):
         raise ConfigError(f"op 'div' needs a prime p (every b != 0 invertible), got p = {p}")
     if not 0 < train_frac < 1:
@@ -141,15 +142,17 @@ def check_task(op: str, p: int, train_frac: float):
 def check(cfg: Config):
     """Reject bad input before any work starts (ConfigError -> one line, exit 2)."""
     check_task(cfg.op, cfg.p, cfg.train_frac)
-    common_sizes = ("weak_d_embed", "weak_width", "weak_epochs", "d_embed", "width", "epochs", "eval_every", "seeds")
-    harness.require(cfg, positive=common_sizes + ("track_every", "probe_size"), fractions=("transfer_at", "stop_at"))
+    sizes = ("weak_d_embed", "weak_width", "weak_epochs", "d_embed", "width", "epochs", "eval_every", "seeds",
+             "track_every", "probe_size")
+    harness.require(cfg, positive=sizes, fractions=("transfer_at", "stop_at"))
     phases = harness.phase_list(cfg.phases, PHASES)
     if "groktransfer" in phases and "weak" not in phases and not cfg.weak_embedding:
         raise ConfigError("phase 'groktransfer' needs the 'weak' phase or --weak_embedding PATH")
     if any(t not in TRACKABLE for t in cfg.track):
         raise ConfigError(f"track must be a subset of {', '.join(TRACKABLE)}; got {','.join(cfg.track)}")
     if cfg.track and cfg.track_every % cfg.eval_every:
-        raise ConfigError(f"track_every ({cfg.track_every}) must be a multiple of eval_every ({cfg.eval_every})")
+        raise ConfigError(f"track_every ({cfg.track_every}) must be a multiple of eval_every "
+                          f"({cfg.eval_every})")
     harness.check_grid(cfg)
     harness.check_size(f"p = {cfg.p}, d_embed = {cfg.d_embed}, width = {cfg.width}, seeds = {cfg.seeds}",
                        model_size(cfg) * cfg.seeds, cfg.p * cfg.p * (2 * cfg.width + cfg.p) * cfg.seeds)
@@ -223,7 +226,8 @@ def main(argv=None):
     choices = {"op": OPS, "grid_phase": harness.GRID_PHASES, "precision": common.PRECISIONS}
     cfg = resolve(harness.config_or_exit(Config(), argv, choices, check))
     task = dict(op=cfg.op, p=cfg.p)
-    weak_loaded = harness.load_weak_embedding(cfg.weak_embedding, cfg.p, cfg.seeds, task) if cfg.weak_embedding else None
+    weak_loaded = (harness.load_weak_embedding(cfg.weak_embedding, cfg.p, cfg.seeds, task)
+                   if cfg.weak_embedding else None)
     run = harness.open_run(cfg, "modular")
     device = harness.pick_device(cfg.device)
     harness.set_seed(cfg.seed, cfg.deterministic)
@@ -233,13 +237,14 @@ def main(argv=None):
     settings = {ph: (getattr(cfg, f"{k}_init_scale"), getattr(cfg, f"{k}_lr"), getattr(cfg, f"{k}_wd"))
                 for ph, k in (("weak", "weak"), ("groktransfer", "gt"), ("scratch", "scratch"))}
     print(f"run directory {run}  device {device}  {cfg.op} mod {cfg.p}  "
-          + (f"grid over {cfg.grid_phase}" if cfg.grid else f"phases {', '.join(phases)}") + "  (init, lr, wd): "
+          + (f"grid over {cfg.grid_phase}" if cfg.grid else f"phases {', '.join(phases)}")
+          + "  (init, lr, wd): "
           + "  ".join(f"{ph} {settings[ph]}" for ph in phases))
 
     data = make_data(cfg.op, cfg.p, cfg.train_frac, cfg.data_seed, device)
     seeds = [cfg.seed + i for i in range(cfg.seeds)]  # one member per seed
-    train_kw = dict(betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, eval_every=cfg.eval_every, quiet=cfg.quiet,
-                    precision=cfg.precision)
+    train_kw = dict(betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, eval_every=cfg.eval_every,
+                    quiet=cfg.quiet, precision=cfg.precision)
     record = harness.RunRecord(run, cfg, dict(device=harness.device_name(device), op=cfg.op, p=cfg.p,
                                                n_train=len(data["y_train"]), n_test=len(data["y_test"])),
                                title=f"{cfg.op} mod {cfg.p}")
@@ -290,7 +295,8 @@ def grid_search(cfg, run, data, device, weak=None):
                 d_embed=cfg.d_embed, width=cfg.width,
                 weak=cfg.weak_embedding or (dict(d_embed=cfg.weak_d_embed, width=cfg.weak_width,
                                                  epochs=cfg.weak_epochs, transfer_at=cfg.transfer_at,
-                                                 init_scale=cfg.weak_init_scale, lr=cfg.weak_lr, wd=cfg.weak_wd)
+                                                 init_scale=cfg.weak_init_scale, lr=cfg.weak_lr,
+                                                 wd=cfg.weak_wd)
                                             if cfg.grid_phase == "groktransfer" else None))
 
     def build(init_scales):

@@ -61,7 +61,7 @@ def test_study_weak_epochs_one_target_per_snapshot_and_seed(tmp_path, seeds, sna
 def test_study_weak_epochs_resumes_after_an_interrupt(tmp_path):
     """The snapshots taken before an interrupt are on disk: the printed resume command finishes the study,
     with the rows an uninterrupted run gets."""
-    args = ["--study", "weak_epochs", "--weak_snapshots", "20,40,3000", "--epochs", "30", "--ckpt_every", "20"]
+    args = ["--study", "weak_epochs", "--weak_snapshots", "20,40,1500", "--epochs", "30", "--ckpt_every", "20"]
     (tmp_path / "a").mkdir()
     base, s_base, _ = run(tmp_path / "a", *args)
     out = tmp_path / "b"
