@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 import common
 import harness
+import plots
 from common import ConfigError
 
 PHASES = ("weak", "groktransfer", "scratch")
@@ -347,7 +348,7 @@ def main(argv=None):
         record.phase_done("scratch", hist, model, delays(hist))
 
     record.save_models()
-    png = harness.plot_dynamics(run, title=f"MNIST, {cfg.n_train} training images")
+    png = plots.plot_dynamics(run, title=f"MNIST, {cfg.n_train} training images")
     print(f"wrote {run / 'summary.json'} and {png}")
     return run
 
@@ -368,7 +369,7 @@ def delays(hist) -> dict:
 
 def study(cfg, run, data, device, record, train_kw):
     """--study alpha | init_scale: one member per value, trained together; study_<name>.png."""
-    plt = harness.pyplot()
+    plt = plots.pyplot()
     runs = []
     if cfg.study == "alpha":
         K = len(cfg.alphas)
@@ -415,7 +416,7 @@ def study(cfg, run, data, device, record, train_kw):
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    harness.save_figure(fig, run / f"study_{cfg.study}.png")
+    plots.save_figure(fig, run / f"study_{cfg.study}.png")
     print(f"wrote {run / 'summary.json'} and {run / f'study_{cfg.study}.png'}")
     return run
 

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 import common
 import harness
+import plots
 from common import ConfigError
 
 OPS = ("add", "sub", "mul", "div")
@@ -282,9 +283,9 @@ def main(argv=None):
     if cfg.grid:
         return grid_search(cfg, run, data, device, weak)
     record.save_models()
-    png = harness.plot_dynamics(run, title=f"a {'+-*/'[OPS.index(cfg.op)]} b mod {cfg.p}")
+    png = plots.plot_dynamics(run, title=f"a {'+-*/'[OPS.index(cfg.op)]} b mod {cfg.p}")
     if cfg.track:
-        print(f"wrote {harness.plot_progress(run, title=f'{cfg.op} mod {cfg.p}: progress measures')}")
+        print(f"wrote {plots.plot_progress(run, title=f'{cfg.op} mod {cfg.p}: progress measures')}")
     print(f"wrote {run / 'summary.json'} and {png}")
     return run
 

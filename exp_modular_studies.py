@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 import common
 import harness
+import plots
 from common import ConfigError
 
 OPS = ("add", "sub", "mul", "div")
@@ -307,17 +308,17 @@ def study_embeddings(cfg, run, data, device, seeds, record, train_kw):
         record.phase_done(kind, hist, model, rows[kind])
     record.summary["study"] = dict(name=cfg.study, embeddings=rows, skipped=skipped)
     harness.save_json(record.summary, run / "summary.json")
-    pngs = [harness.plot_dynamics(run, run / "embeddings.png", title=f"fixed embeddings, a + b mod {cfg.p} (Fig 2)")]
+    pngs = [plots.plot_dynamics(run, run / "embeddings.png", title=f"fixed embeddings, a + b mod {cfg.p} (Fig 2)")]
     if "ntk" in names:
         pngs.append(plot_ntk(run, run / "ntk.png"))
     if names:
-        pngs.append(harness.plot_progress(run))
+        pngs.append(plots.plot_progress(run))
     return pngs
 
 
 def plot_ntk(run, out):
     """Fig 3: ||Theta_t - Theta_0||_F / ||Theta_0||_F against epoch, one line per embedding."""
-    plt = harness.pyplot()
+    plt = plots.pyplot()
     prog = harness.read_progress(run / "progress.csv")
     fig, ax = plt.subplots(figsize=(5, 3.6))
     for phase, measures in prog.items():
@@ -332,7 +333,7 @@ def plot_ntk(run, out):
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    return harness.save_figure(fig, out)
+    return plots.save_figure(fig, out)
 
 
 class Snapshots:
@@ -377,13 +378,13 @@ def study_weak_epochs(cfg, run, data, device, seeds, record, train_kw):
     harness.save_json(record.summary, run / "summary.json")
     title = (f"weak embedding taken at epochs {snaps} (labels); targets {cfg.epochs} epochs (Fig 7); "
              f"median and range over {K} seed{'s' * (K > 1)}")
-    return [plot_weak_epochs(rows, run / "weak_epochs.png", title), harness.plot_dynamics(run)]
+    return [plot_weak_epochs(rows, run / "weak_epochs.png", title), plots.plot_dynamics(run)]
 
 
 def plot_weak_epochs(rows: list[dict], out, title: str = ""):
     """Fig 7: 1/TimeGap and the target's final test accuracy against the weak model's test accuracy
     at transfer, points in order of that accuracy, labelled by the weak epoch."""
-    plt = harness.pyplot()
+    plt = plots.pyplot()
     med = lambda v: float(np.median([np.nan if x is None else x for x in v]))
     rows = sorted(rows, key=lambda r: med(r["weak_test_acc"]))
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
@@ -402,12 +403,12 @@ def plot_weak_epochs(rows: list[dict], out, title: str = ""):
         ax.grid(alpha=0.3)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    return harness.save_figure(fig, out)
+    return plots.save_figure(fig, out)
 
 
 def study_weak_embedding_view(cfg, run, weak, record):
     """Fig 12: the weak p x d_W embedding on its first two principal components, labelled by integer."""
-    plt = harness.pyplot()
+    plt = plots.pyplot()
     E = weak if weak.dim() == 2 else weak[0]
     coords, explained = pca_2d(E)
     fig, ax = plt.subplots(figsize=(5.5, 5.5))
@@ -422,7 +423,7 @@ def study_weak_embedding_view(cfg, run, weak, record):
     record.summary["study"] = dict(name="weak_embedding_view", explained_variance=explained.tolist())
     harness.save_json(record.summary, run / "summary.json")
     harness.save_atomic(dict(coords=torch.as_tensor(coords), explained=torch.as_tensor(explained)), run / "pca.pt")
-    return [harness.save_figure(fig, run / "weak_embedding_view.png")]
+    return [plots.save_figure(fig, run / "weak_embedding_view.png")]
 
 
 def study_low_rank(cfg, run, data, device, seeds, weak, record, train_kw):
@@ -466,7 +467,7 @@ def study_low_rank(cfg, run, data, device, seeds, weak, record, train_kw):
                                    time_gap_median={k: record.summary["phases"][k]["time_gap_median"]
                                                     for k in compared})
     harness.save_json(record.summary, run / "summary.json")
-    plt = harness.pyplot()
+    plt = plots.pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), sharey=True)
     panels = [("random_ab", "(a) A, B both random"), ("merged", f"(b) A @ B merged at epoch {cfg.merge_at}"),
               ("full_rank", f"(c) weak d_embed = {cfg.d_embed}")]
@@ -487,7 +488,7 @@ def study_low_rank(cfg, run, data, device, seeds, weak, record, train_kw):
     axes[0].set_ylabel("accuracy")
     fig.suptitle(f"{cfg.op} mod {cfg.p}: is low rank the reason? (Fig 15)", fontsize=10)
     fig.tight_layout()
-    return [harness.save_figure(fig, run / "low_rank.png"), harness.plot_dynamics(run)]
+    return [plots.save_figure(fig, run / "low_rank.png"), plots.plot_dynamics(run)]
 
 
 def onehot_pairs(data: dict, p: int) -> dict:
@@ -523,7 +524,7 @@ def study_oinfo(cfg, run, data, device, seeds, record, train_kw):
     record.summary["study"] = dict(name="oinfo", phases=summary)
     harness.save_json(record.summary, run / "summary.json")
     title = f"a + b mod {cfg.p}, {cfg.train_frac:.0%} train, FNN width {cfg.oinfo_width}: O-information (Clauw et al.)"
-    return [harness.plot_progress(run, run / "oinfo.png", title=title), harness.plot_dynamics(run)]
+    return [plots.plot_progress(run, run / "oinfo.png", title=title), plots.plot_dynamics(run)]
 
 
 def copula_normalize(z: np.ndarray, seed: int = 0) -> np.ndarray:

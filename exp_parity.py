@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 import common
 import harness
+import plots
 from common import ConfigError
 
 PHASES = ("weak", "groktransfer", "scratch")
@@ -209,7 +210,7 @@ def main(argv=None):
         record.phase_done("scratch", hist, model)
 
     record.save_models()
-    png = harness.plot_dynamics(run, title=f"({cfg.q}, {cfg.k})-parity, S = {set(support)}, n = {cfg.n}")
+    png = plots.plot_dynamics(run, title=f"({cfg.q}, {cfg.k})-parity, S = {set(support)}, n = {cfg.n}")
     print(f"wrote {run / 'summary.json'} and {png}")
     return run
 

@@ -39,6 +39,7 @@ import torch
 
 import common
 import harness
+import plots
 from common import ConfigError
 
 OPS = ("add", "sub", "mul", "div", "parity")
@@ -355,9 +356,9 @@ def main(argv=None):
     record.summary["table1"] = table1(record.summary, header["device"])
     harness.save_json(record.summary, run / "summary.json")
     record.save_models()
-    png = harness.plot_dynamics(run, title=title)
+    png = plots.plot_dynamics(run, title=title)
     if cfg.track:
-        print(f"wrote {harness.plot_progress(run, title=title)}")
+        print(f"wrote {plots.plot_progress(run, title=title)}")
     print(f"wrote {run / 'summary.json'} and {png}")
     return run
 

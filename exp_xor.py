@@ -41,6 +41,7 @@ import torch
 
 import common
 import harness
+import plots
 from common import ConfigError
 
 STUDIES = ("none", "norm_ratio", "weak_width")
@@ -391,12 +392,12 @@ def neuron_features(W: torch.Tensor) -> list[dict]:
 
 
 # =============================================================================
-# Figures particular to this experiment (the dynamics panels come from harness.plot_dynamics)
+# Figures particular to this experiment (the dynamics panels come from plots.plot_dynamics)
 
 
 def plot_neurons(W: torch.Tensor, test_acc: float, path: Path):
     """Fig 4c: each weak neuron's first two coordinates (arrows) and the norm of the rest (bars)."""
-    plt = harness.pyplot()
+    plt = plots.pyplot()
     W = W.cpu()
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(8, 3.8))
     lim = 1.15 * float(W[:2].abs().max())
@@ -422,12 +423,12 @@ def plot_neurons(W: torch.Tensor, test_acc: float, path: Path):
     bx.set_ylim(0, 1.35 * float(max(first.max(), rest.max())))  # room for the legend
     bx.legend(fontsize=8, loc="upper center", ncol=2)
     fig.tight_layout()
-    return harness.save_figure(fig, path)
+    return plots.save_figure(fig, path)
 
 
 def plot_embedding3d(E: torch.Tensor, y: torch.Tensor, path: Path):
     """Fig 5a: fresh points seen through the weak first layer, U^T x in R^3, coloured by label."""
-    plt = harness.pyplot()
+    plt = plots.pyplot()
     E, y = E.cpu().numpy(), y.cpu().numpy()
     fig = plt.figure(figsize=(5, 4.5))
     ax = fig.add_subplot(projection="3d")
@@ -440,7 +441,7 @@ def plot_embedding3d(E: torch.Tensor, y: torch.Tensor, path: Path):
     ax.legend(fontsize=8)
     ax.set_title(f"{len(y)} fresh points through the weak first layer", fontsize=9)
     fig.tight_layout()
-    return harness.save_figure(fig, path)
+    return plots.save_figure(fig, path)
 
 
 # =============================================================================
@@ -498,14 +499,14 @@ def main(argv=None):
 
     record.summary.update(peak_memory(device))
     harness.save_json(record.summary, run / "summary.json")
-    png = harness.plot_dynamics(run, title=f"XOR cluster data, p = {cfg.p}, n = {cfg.n}, eps = {cfg.eps}")
+    png = plots.plot_dynamics(run, title=f"XOR cluster data, p = {cfg.p}, n = {cfg.n}, eps = {cfg.eps}")
     print(f"wrote {run / 'summary.json'}, {png}, neurons.png, embedding3d.png")
     return run
 
 
 def study_norm_ratio(cfg, run, seeds, device):
     """Fig 5b, 5c: r_W of trained weak models against p (n fixed) and n (p fixed), per eps."""
-    plt = harness.pyplot()
+    plt = plots.pyplot()
     results = dict(vs_p=[], vs_n=[])
     settings = [("vs_p", p, cfg.ratio_n, e) for e in cfg.ratio_eps for p in cfg.ratio_ps]
     settings += [("vs_n", cfg.ratio_p, n, e) for e in cfg.ratio_eps for n in cfg.ratio_ns]
@@ -538,7 +539,7 @@ def study_norm_ratio(cfg, run, seeds, device):
     axes[0].set_title(f"r_W against p (n = {cfg.ratio_n}); paper: flat", fontsize=9)
     axes[1].set_title(f"r_W against n (p = {cfg.ratio_p}); paper: slope about -1/2", fontsize=9)
     fig.tight_layout()
-    harness.save_figure(fig, run / "norm_ratio.png")
+    plots.save_figure(fig, run / "norm_ratio.png")
     harness.save_json(dict(results=results, slopes=slopes), run / "summary.json")
     print("fitted log-log slopes: " + ", ".join(f"{k} {v:.3f}" for k, v in slopes.items() if v is not None))
     print(f"wrote {run / 'summary.json'} and {run / 'norm_ratio.png'}")
@@ -555,7 +556,7 @@ def study_weak_width(cfg, run, seeds, device):
         plot_neurons(W[0], float(hist["metrics"][-1, 0, common.TEST_ACC]), run / f"neurons_{width}.png")
         record.phase_done(f"target-{width}", train_target(cfg, data, transfer(W), seeds, device,
                                                         record.checkpoint(f"target-{width}")))
-    png = harness.plot_dynamics(run, title=f"weak widths {cfg.weak_widths}: weak model, then the target on its embedding")
+    png = plots.plot_dynamics(run, title=f"weak widths {cfg.weak_widths}: weak model, then the target on its embedding")
     print(f"wrote {run / 'summary.json'} and {png}")
     return run
 

@@ -1,16 +1,16 @@
 """The run machinery of the GrokTransfer experiments: nothing here changes a number, and nothing here
 needs reading to follow a run (the research code is common.py). Open it to change how runs are stored.
 
-  1. Config, CLI  parse_config (dataclass < --config FILE.yaml < --key value; --help), config_or_exit,
-                  check_values (the checks every script shares), fail
-  2. Run files    pick_device, set_seed, open_run (lock, resume checks), write_atomic, write_csv,
+  1. Config, CLI  parse_config (dataclass < --config FILE.yaml < --key value; --help), config_or_exit, fail
+  2. Checks       check_values (by a field's role), check_size, require, phase_list
+  3. Run files    pick_device, set_seed, open_run (lock, resume checks), write_atomic, write_csv,
                   read_metrics
-  3. Signals      catch_signals, stop_requested, `script` (a script's main: one-line errors, exit
+  4. Signals      catch_signals, stop_requested, `script` (a script's main: one-line errors, exit
                   130 / 143 / 129 with the command that resumes)
-  4. Record       Checkpoint, check_checkpoints, RunRecord (summary.json, metrics.csv, embedding.pt)
-  5. Grid search  grid_points, auto_members, run_grid, grid_main
-  6. Grid files   best_point, grid.csv, merge (shards of a job array), plot_grid
-  7. Plots        plot_dynamics, plot_progress
+  5. Record       Checkpoint, check_checkpoints, RunRecord (summary.json, metrics.csv, embedding.pt)
+  6. Grid search  grid_points, auto_members, run_grid, grid_main
+  7. Grid files   best_point, grid.csv, merge (shards of a job array)
+The figures drawn from a run's files are in plots.py.
 
 Commands: `python harness.py plot RUN_DIR` redraws a run's dynamics.png; `python harness.py merge DIR
 ... --out DIR` combines the shards of a grid into a new directory.
@@ -37,13 +37,14 @@ import time
 import tokenize
 import types
 import typing
-import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
 import yaml
+
+import plots
 
 from common import (METRICS, PRECISIONS, TEST_ACC, TEST_LOSS, TRAIN_ACC, TRAIN_LOSS, WEIGHT_NORM, ConfigError,
                     Interrupted, first_epoch, member_summary, summarize, time_gap, train, transfer_point)
@@ -145,102 +146,6 @@ def _field_comments(cls) -> tuple[dict, dict]:
         elif pending and line.lstrip().startswith("#"):  # a section header of several lines
             pending += " " + line.strip()[1:].strip()
     return comments, sections
-
-
-ROLE_NAMES = {  # a field's role from its name; a name of a forker's own is read from its comment instead
-    "lr": r"(\w+_)?(lr|lrs|learning_rates?)", "wd": r"(\w+_)?(wd|wds|weight_decays?)",
-    "init_scale": r"(\w+_)?init_scales?", "beta": r"(\w+_)?beta[12]", "eps": r"adam_eps|(\w+_)?eps_adam"}
-ROLE_COMMENTS = {"lr": "learning rate", "wd": "weight decay"}  # "# AdamW learning rate ..." names the role
-
-
-def field_role(name: str, comment: str) -> str | None:
-    """lr, wd, init_scale, beta, eps or None: by the field's name, else by the first words of its
-    --help comment ("learning rate", "GD learning rate", "its weight decay")."""
-    for role, pattern in ROLE_NAMES.items():
-        if re.fullmatch(pattern, name.lower()):
-            return role
-    for role, phrase in ROLE_COMMENTS.items():
-        if re.match(rf"(\S+ )?(\(\w+\) )?{phrase}\b", comment.lower()):
-            return role
-    return None
-
-
-def check_values(cfg):
-    """The checks every script shares, by a field's role (field_role) and name: learning rates, init
-    scales and eps > 0, weight decays >= 0, betas in [0, 1) (lists: every value); seeds in numpy's range;
-    ckpt_every >= 0; eval_every <= its epochs; a device that exists; a run name inside runs/; epochs
-    whose metrics one run could hold in memory."""
-    comments, _ = _field_comments(type(cfg))
-    for f in dataclasses.fields(cfg):
-        key, v = f.name, getattr(cfg, f.name)
-        role = field_role(key, comments.get(key) or SHARED_HELP.get(key, ""))
-        for x in (v if isinstance(v, list) else [v]):
-            if not isinstance(x, (int, float)) or isinstance(x, bool):
-                continue
-            if role in ("lr", "init_scale", "eps") and x <= 0:
-                raise ConfigError(f"{key} must be positive, got {x:g}")
-            if role == "wd" and x < 0:
-                raise ConfigError(f"{key} must be >= 0, got {x:g}")
-            if role == "beta" and not 0 <= x < 1:
-                raise ConfigError(f"{key} must be in [0, 1), got {x:g}")
-        if isinstance(v, bool) or not isinstance(v, int):
-            continue
-        if key == "seed" or key.endswith("_seed"):
-            last = v + getattr(cfg, "seeds", 1) - 1 if key == "seed" else v
-            if v < 0 or last >= 2 ** 32:
-                raise ConfigError(f"{key} must be in 0 .. 2^32 - 1 (numpy's seed range), got {v}"
-                                  + (f" with seeds = {cfg.seeds}" if last != v else ""))
-        if key == "ckpt_every" and v < 0:
-            raise ConfigError(f"ckpt_every must be >= 0 (0: at each phase's end only), got {v}")
-        if key.endswith("eval_every") and v > 0 and hasattr(cfg, "resume"):  # a run's, not bench.py's timing
-            epochs = getattr(cfg, key[:-len("eval_every")] + "epochs", None)
-            if isinstance(epochs, int) and 0 < epochs < v:
-                raise ConfigError(f"{key} ({v}) is larger than {key[:-len('eval_every')]}epochs ({epochs}): "
-                                  f"nothing would be evaluated between the first and the last epoch")
-        if key.endswith("epochs"):
-            evals = v // max(1, getattr(cfg, "eval_every", 1))
-            members = getattr(cfg, "seeds", 1)  # ~400 bytes a member per evaluation, held in memory
-            check_memory(evals * members * 400, f"{key} = {v:g} ({evals:.3g} evaluations of metrics)")
-    device = getattr(cfg, "device", None)
-    if isinstance(device, str) and not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
-        raise ConfigError(f"unknown device '{device}'; use auto, cpu, cuda or cuda:N")
-    name = getattr(cfg, "name", "")
-    if isinstance(name, str) and name and (Path(name).is_absolute() or ".." in Path(name).parts):
-        raise ConfigError(f"name must stay inside runs/<experiment>/ (no '..', not absolute); got {name!r}")
-
-
-def check_memory(n_bytes: float, what: str):
-    """ConfigError when `what` would need more than this machine's memory."""
-    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    if n_bytes > total:
-        raise ConfigError(f"{what} needs about {n_bytes / 2 ** 30:,.0f} GiB of memory; "
-                          f"this machine has {total / 2 ** 30:,.0f} GiB")
-
-
-def check_size(what: str, n_params: float, n_activations: float):
-    """ConfigError when a model of n_params parameters (all members) trained full batch with
-    n_activations activation values would not fit in this machine's memory: 4 bytes a value; weights,
-    gradient, two AdamW moments and a checkpoint copy (5x), activations kept for backward (3x)."""
-    check_memory(4 * (5 * n_params + 3 * n_activations), what)
-
-
-def require(cfg, positive=(), fractions=()):
-    """ConfigError unless every key in `positive` is > 0 and every key in `fractions` is none or in (0, 1]."""
-    for key in positive:
-        if getattr(cfg, key) <= 0:
-            raise ConfigError(f"{key} must be positive, got {getattr(cfg, key)}")
-    for key in fractions:
-        v = getattr(cfg, key)
-        if v is not None and not 0 < v <= 1:
-            raise ConfigError(f"{key} must be in (0, 1], got {v}")
-
-
-def phase_list(text: str, allowed: tuple[str, ...]) -> list[str]:
-    """'weak,groktransfer' -> ['weak', 'groktransfer']; ConfigError on an empty list or an unknown phase."""
-    phases = [s.strip() for s in text.split(",") if s.strip()]
-    if not phases or any(s not in allowed for s in phases):
-        raise ConfigError(f"phases must be a comma-separated subset of {', '.join(allowed)}; got '{text}'")
-    return phases
 
 
 def _base_type(tp):
@@ -366,7 +271,106 @@ def parse_config(defaults, argv: list[str], choices: dict | None = None):
 
 
 # =============================================================================
-# 2. Run directory and files: device and seeds, the run's lock, atomic files, metrics.csv
+# 2. The value checks every script shares (the script's own check(cfg) adds the task's)
+
+ROLE_NAMES = {  # a field's role from its name; a name of a forker's own is read from its comment instead
+    "lr": r"(\w+_)?(lr|lrs|learning_rates?)", "wd": r"(\w+_)?(wd|wds|weight_decays?)",
+    "init_scale": r"(\w+_)?init_scales?", "beta": r"(\w+_)?beta[12]", "eps": r"adam_eps|(\w+_)?eps_adam"}
+ROLE_COMMENTS = {"lr": "learning rate", "wd": "weight decay"}  # "# AdamW learning rate ..." names the role
+
+
+def field_role(name: str, comment: str) -> str | None:
+    """lr, wd, init_scale, beta, eps or None: by the field's name, else by the first words of its
+    --help comment ("learning rate", "GD learning rate", "its weight decay")."""
+    for role, pattern in ROLE_NAMES.items():
+        if re.fullmatch(pattern, name.lower()):
+            return role
+    for role, phrase in ROLE_COMMENTS.items():
+        if re.match(rf"(\S+ )?(\(\w+\) )?{phrase}\b", comment.lower()):
+            return role
+    return None
+
+
+def check_values(cfg):
+    """The checks every script shares, by a field's role (field_role) and name: learning rates, init
+    scales and eps > 0, weight decays >= 0, betas in [0, 1) (lists: every value); seeds in numpy's range;
+    ckpt_every >= 0; eval_every <= its epochs; a device that exists; a run name inside runs/; epochs
+    whose metrics one run could hold in memory."""
+    comments, _ = _field_comments(type(cfg))
+    for f in dataclasses.fields(cfg):
+        key, v = f.name, getattr(cfg, f.name)
+        role = field_role(key, comments.get(key) or SHARED_HELP.get(key, ""))
+        for x in (v if isinstance(v, list) else [v]):
+            if not isinstance(x, (int, float)) or isinstance(x, bool):
+                continue
+            if role in ("lr", "init_scale", "eps") and x <= 0:
+                raise ConfigError(f"{key} must be positive, got {x:g}")
+            if role == "wd" and x < 0:
+                raise ConfigError(f"{key} must be >= 0, got {x:g}")
+            if role == "beta" and not 0 <= x < 1:
+                raise ConfigError(f"{key} must be in [0, 1), got {x:g}")
+        if isinstance(v, bool) or not isinstance(v, int):
+            continue
+        if key == "seed" or key.endswith("_seed"):
+            last = v + getattr(cfg, "seeds", 1) - 1 if key == "seed" else v
+            if v < 0 or last >= 2 ** 32:
+                raise ConfigError(f"{key} must be in 0 .. 2^32 - 1 (numpy's seed range), got {v}"
+                                  + (f" with seeds = {cfg.seeds}" if last != v else ""))
+        if key == "ckpt_every" and v < 0:
+            raise ConfigError(f"ckpt_every must be >= 0 (0: at each phase's end only), got {v}")
+        if key.endswith("eval_every") and v > 0 and hasattr(cfg, "resume"):  # a run's, not bench.py's timing
+            epochs = getattr(cfg, key[:-len("eval_every")] + "epochs", None)
+            if isinstance(epochs, int) and 0 < epochs < v:
+                raise ConfigError(f"{key} ({v}) is larger than {key[:-len('eval_every')]}epochs ({epochs}): "
+                                  f"nothing would be evaluated between the first and the last epoch")
+        if key.endswith("epochs"):
+            evals = v // max(1, getattr(cfg, "eval_every", 1))
+            members = getattr(cfg, "seeds", 1)  # ~400 bytes a member per evaluation, held in memory
+            check_memory(evals * members * 400, f"{key} = {v:g} ({evals:.3g} evaluations of metrics)")
+    device = getattr(cfg, "device", None)
+    if isinstance(device, str) and not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+        raise ConfigError(f"unknown device '{device}'; use auto, cpu, cuda or cuda:N")
+    name = getattr(cfg, "name", "")
+    if isinstance(name, str) and name and (Path(name).is_absolute() or ".." in Path(name).parts):
+        raise ConfigError(f"name must stay inside runs/<experiment>/ (no '..', not absolute); got {name!r}")
+
+
+def check_memory(n_bytes: float, what: str):
+    """ConfigError when `what` would need more than this machine's memory."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if n_bytes > total:
+        raise ConfigError(f"{what} needs about {n_bytes / 2 ** 30:,.0f} GiB of memory; "
+                          f"this machine has {total / 2 ** 30:,.0f} GiB")
+
+
+def check_size(what: str, n_params: float, n_activations: float):
+    """ConfigError when a model of n_params parameters (all members) trained full batch with
+    n_activations activation values would not fit in this machine's memory: 4 bytes a value; weights,
+    gradient, two AdamW moments and a checkpoint copy (5x), activations kept for backward (3x)."""
+    check_memory(4 * (5 * n_params + 3 * n_activations), what)
+
+
+def require(cfg, positive=(), fractions=()):
+    """ConfigError unless every key in `positive` is > 0 and every key in `fractions` is none or in (0, 1]."""
+    for key in positive:
+        if getattr(cfg, key) <= 0:
+            raise ConfigError(f"{key} must be positive, got {getattr(cfg, key)}")
+    for key in fractions:
+        v = getattr(cfg, key)
+        if v is not None and not 0 < v <= 1:
+            raise ConfigError(f"{key} must be in (0, 1], got {v}")
+
+
+def phase_list(text: str, allowed: tuple[str, ...]) -> list[str]:
+    """'weak,groktransfer' -> ['weak', 'groktransfer']; ConfigError on an empty list or an unknown phase."""
+    phases = [s.strip() for s in text.split(",") if s.strip()]
+    if not phases or any(s not in allowed for s in phases):
+        raise ConfigError(f"phases must be a comma-separated subset of {', '.join(allowed)}; got '{text}'")
+    return phases
+
+
+# =============================================================================
+# 3. Run directory and files: device and seeds, the run's lock, atomic files, metrics.csv
 
 
 def pick_device(name: str) -> torch.device:
@@ -568,7 +572,7 @@ def _read_long(path: Path, value, by=("phase",)) -> dict:
 
 
 # =============================================================================
-# 3. Signals and a script's entry point: SIGINT, SIGTERM, SIGHUP become a checkpoint and one line
+# 4. Signals and a script's entry point: SIGINT, SIGTERM, SIGHUP become a checkpoint and one line
 
 _SIGNALS: list[int] = []  # signals received and not yet acted on
 EXIT_STATUS = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGHUP: 129}  # 128 + the signal number
@@ -614,7 +618,7 @@ def script(main):
 
 
 # =============================================================================
-# 4. Checkpoints and the run record (summary.json, metrics.csv, models.pt, embedding.pt)
+# 5. Checkpoints and the run record (summary.json, metrics.csv, models.pt, embedding.pt)
 
 
 class Checkpoint:
@@ -732,7 +736,7 @@ class RunRecord:
               f"test acc {np.nanmean(final[:, TEST_ACC]):.4f}  "
               f"Time Gap {gaps}  {hist['wall_s']:.1f}s")
         if hist["diverged"]:
-            plot_dynamics(self.run, title=self.title)
+            plots.plot_dynamics(self.run, title=self.title)
             fail(f"phase '{phase}' diverged (NaN/inf loss) at epoch {hist['failed_epoch'].min()}; "
                  f"metrics so far are in {self.run}", status=1)
         return s
@@ -757,7 +761,7 @@ class RunRecord:
 
 
 # =============================================================================
-# 5. Grid search (appendix A.3: "grid search over init scale x lr x wd"; the best point is the first to
+# 6. Grid search (appendix A.3: "grid search over init scale x lr x wd"; the best point is the first to
 # reach the threshold): grid points are trained as the members of K-member models, batch after batch.
 
 PAPER_GRID = dict(  # init scale x lr x wd = 16 x 8 x 9 = 1152 points
@@ -872,7 +876,7 @@ def run_grid(points: list[dict], build, data, *, epochs: int, threshold: float, 
 
 
 # =============================================================================
-# 6. Grid results: selection, grid.csv, merging shards, the heatmap
+# 7. Grid results: selection, grid.csv, merging shards (the heatmap: plots.plot_grid)
 
 
 def selection_key(rows: list[dict]) -> str:
@@ -1004,7 +1008,8 @@ def finish_grid(run: Path, rows: list[dict], meta: dict, default=None, title: st
     best = best_point(rows)
     write_grid(run / "grid.csv", rows)
     save_json(dict(meta, best=best), run / "grid.json")
-    png = plot_grid(rows, run / "grid.png", title=f"{meta['phase']} grid{', ' + title if title else ''}")
+    full = f"{meta['phase']} grid" + (f", {title}" if title else "")
+    png = plots.plot_grid(rows, run / "grid.png", title=full)
     if best is None:
         print(f"[grid] no point reached {meta['threshold']:.0%} test accuracy")
     else:
@@ -1016,209 +1021,6 @@ def finish_grid(run: Path, rows: list[dict], meta: dict, default=None, title: st
     return run
 
 
-def plot_grid(rows: list[dict], out: Path, title: str = "") -> Path:
-    """Heatmap over lr (rows) x wd (columns): the first epoch at the selection threshold, best over
-    init scale, with that init scale written in the cell; grey = no init scale reached it, the best
-    point boxed."""
-    plt = pyplot()
-    import matplotlib.ticker
-    from matplotlib.colors import LogNorm
-
-    sel = selection_key(rows)
-    lrs, wds = sorted({r["lr"] for r in rows}), sorted({r["wd"] for r in rows})
-    value = np.full((len(lrs), len(wds)), np.nan)
-    scale = np.full((len(lrs), len(wds)), np.nan)
-    for r in rows:
-        i, j = lrs.index(r["lr"]), wds.index(r["wd"])
-        if r["status"] == "reached" and not (value[i, j] <= r[sel]):  # NaN compares False: first hit wins
-            value[i, j], scale[i, j] = max(r[sel], 1), r["init_scale"]
-    fig, ax = plt.subplots(figsize=(max(5.5, 2.5 + 0.8 * len(wds)), max(3.6, 1.6 + 0.5 * len(lrs))))
-    ax.set_facecolor("0.85")
-    finite = value[np.isfinite(value)]
-    norm = LogNorm(vmin=finite.min(), vmax=max(finite.max(), finite.min() * 1.01)) if len(finite) else None
-    if norm is not None:
-        im = ax.imshow(np.ma.masked_invalid(value), cmap="viridis_r", aspect="auto", norm=norm)
-        bar = fig.colorbar(im, ax=ax)
-        bar.set_label(f"first epoch with test acc >= {sel.rsplit('_', 1)[1]}%", fontsize=8)
-        bar.ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-        bar.set_ticks(np.unique(np.round(np.geomspace(norm.vmin, norm.vmax, 5))), labels=None)
-        bar.ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
-    for i in range(len(lrs)):
-        for j in range(len(wds)):
-            if np.isfinite(value[i, j]):  # dark text on the light (early) end of the colour map
-                dark = norm(value[i, j]) < 0.5
-                ax.text(j, i, f"{value[i, j]:.0f}\ninit {scale[i, j]:g}", ha="center", va="center",
-                        fontsize=6.5, color="black" if dark else "white")
-            else:
-                ax.text(j, i, "-", ha="center", va="center", fontsize=7, color="0.4")
-    best = best_point(rows)
-    if best is not None:
-        i, j = lrs.index(best["lr"]), wds.index(best["wd"])
-        ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, ec="red", lw=2))
-    ax.set_xticks(range(len(wds)), [f"{w:g}" for w in wds])
-    ax.set_yticks(range(len(lrs)), [f"{l:g}" for l in lrs])
-    ax.set_xlim(-0.5, len(wds) - 0.5)
-    ax.set_ylim(len(lrs) - 0.5, -0.5)
-    ax.set_xlabel("weight decay")
-    ax.set_ylabel("learning rate")
-    n_reached = sum(r["status"] == "reached" for r in rows)
-    ax.set_title(f"{title}: {n_reached} of {len(rows)} points reached\n"
-                 f"cell = best over init scale; red box = best point; - = none reached", fontsize=8)
-    fig.tight_layout()
-    return save_figure(fig, out)
-
-
-# =============================================================================
-# 7. Plots: drawn from the saved CSV files, so they can be redrawn for any finished run
-
-
-def pyplot():
-    """matplotlib.pyplot on the file-only Agg backend (no display needed)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def save_figure(fig, out, dpi: int = 120) -> Path:
-    """Write a matplotlib figure to `out` as PNG, atomically, and close it."""
-    plt = pyplot()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi)
-    plt.close(fig)
-    write_atomic(Path(out), buf.getvalue())
-    return Path(out)
-
-
-PHASE_TITLES = {"weak": "weak model", "groktransfer": "target via GrokTransfer",
-                "scratch": "target from scratch", "grokfast": "target via GrokFast",
-                "random_ab": "target, A and B both random"}
-
-
-def panel_note(epochs, metrics) -> str:
-    """The text in a dynamics panel: the Time Gap (one member) or each member's (K > 1; "-" = never
-    reached 95%), and where values are NaN/inf."""
-    bad = ~np.isfinite(metrics[..., :WEIGHT_NORM]).all(-1)  # (E, K)
-    acc = np.where(bad[..., None], np.nan, metrics)  # NaN never counts as reaching 95%
-    gaps = [time_gap(epochs, acc[:, k, TRAIN_ACC], acc[:, k, TEST_ACC]) for k in range(metrics.shape[1])]
-    if len(gaps) == 1:
-        note = f"Time Gap {gaps[0]}" if gaps[0] is not None else "Time Gap: 95% not reached"
-    else:  # the mean curve's gap would hide a lagging member: list every member's
-        note = "Time Gap per member: " + ", ".join("-" if g is None else str(g) for g in gaps)
-    if bad.any():
-        note += f"\nNaN/inf from epoch {epochs[bad.any(1)][0]} ({bad.any(0).sum()} of {bad.shape[1]} members)"
-    return note
-
-
-def plot_dynamics(run: Path, out: Path | None = None, title: str = "") -> Path:
-    """Train/test accuracy against epoch (log x), one panel per phase, as in the paper's Fig 1b / 17.
-
-    With K > 1 members: the mean, and a min-max band. Dotted lines mark the first epochs at 95%
-    train and 95% test accuracy (member mean), whose distance is the Time Gap. Non-finite values are
-    reported on the panel, never drawn as if they were numbers.
-    """
-    plt = pyplot()
-    run = Path(run)
-    phases = read_metrics(run / "metrics.csv")
-    fig, axes = plt.subplots(1, len(phases), figsize=(4.2 * len(phases), 3.7), squeeze=False)
-    last = max(int(d["epochs"].max()) for d in phases.values())  # one x range: phases compare by eye
-    for ax, (phase, d) in zip(axes[0], phases.items()):
-        ep, m = d["epochs"], d["metrics"]
-        keep = ep > 0  # log axis
-        ep, m = ep[keep], m[keep]
-        bad = ~np.isfinite(m[..., :WEIGHT_NORM]).all(-1)  # (E, K)
-        for column, name, color in ((TRAIN_ACC, "train", "tab:blue"), (TEST_ACC, "test", "tab:red")):
-            acc = np.where(bad, np.nan, m[..., column])  # (E, K)
-            with warnings.catch_warnings():  # rows where every member is NaN stay NaN (a gap in the line)
-                warnings.simplefilter("ignore", RuntimeWarning)
-                mean, lo, hi = np.nanmean(acc, 1), np.nanmin(acc, 1), np.nanmax(acc, 1)
-            ax.plot(ep, mean, color=color, lw=1.4, label=name)
-            if m.shape[1] > 1:
-                ax.fill_between(ep, lo, hi, color=color, alpha=0.2, lw=0)
-            first = first_epoch(ep, mean, 0.95)
-            if first is not None:
-                ax.axvline(first, color=color, ls=":", lw=1)
-        ax.set_xscale("log")
-        ax.set_xlim(1, max(last, 2) * 1.1)
-        ax.set_ylim(-0.02, 1.02)
-        ax.set_xlabel("epoch")
-        ax.set_title(f"{PHASE_TITLES.get(phase, phase)}\n{panel_note(ep, m)}", fontsize=9)
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("accuracy")
-    axes[0][0].legend(loc="center left", fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    return save_figure(fig, out or run / "dynamics.png")
-
-
-MEASURE_LABELS = {"ntk_change": "||Θt - Θ0|| / ||Θ0||", "kernel_alignment": "kernel-task alignment",
-                  "synergy": "synergy (min O-info, bits)", "redundancy": "redundancy (max O-info, bits)",
-                  "synergy_size": "size of most synergistic multiplet"}
-
-
-def plot_progress(run: Path, out: Path | None = None, title: str = "") -> Path:
-    """Progress measures beside the loss curves: one column per tracked phase; the top row train and
-    test loss (log y) and weight norm, then one row per measure (member mean and min-max band). A
-    dotted red line marks the first epoch with test accuracy >= 95% (member mean)."""
-    plt = pyplot()
-    run = Path(run)
-    prog, metrics = read_progress(run / "progress.csv"), read_metrics(run / "metrics.csv")
-    names = list(dict.fromkeys(n for p in prog.values() for n in p if not n.startswith("wnorm:")))
-    if any(n.startswith("wnorm:") for p in prog.values() for n in p):
-        names.append("wnorm")  # one panel: every layer's weight norm
-    fig, axes = plt.subplots(1 + len(names), len(prog), figsize=(4.6 * len(prog), 2.5 * (1 + len(names))),
-                             squeeze=False, sharex="col")
-    for col, (phase, measures) in enumerate(prog.items()):
-        ep, m = metrics[phase]["epochs"], metrics[phase]["metrics"]
-        keep = ep > 0
-        ax = axes[0][col]
-        for column, label, color in ((TRAIN_LOSS, "train loss", "tab:blue"),
-                                     (TEST_LOSS, "test loss", "tab:red")):
-            ax.plot(ep[keep], np.nanmean(m[keep, :, column], 1), color=color, label=label)
-        ax.set_yscale("log")
-        ax.set_title(PHASE_TITLES.get(phase, phase), fontsize=9)
-        twin = ax.twinx()
-        twin.plot(ep[keep], np.nanmean(m[keep, :, WEIGHT_NORM], 1), color="gray", ls="--", lw=1)
-        twin.set_ylabel("weight norm", fontsize=8, color="gray")
-        if col == 0:
-            ax.legend(loc="upper right", fontsize=7)
-        for row, name in enumerate(names, start=1):
-            ax = axes[row][col]
-            if name == "wnorm":
-                for key, (e, v) in measures.items():
-                    if key.startswith("wnorm:"):
-                        ax.plot(e[e > 0], np.nanmean(v[e > 0], 1), lw=1, label=key[6:])
-                ax.set_ylabel("weight norm per layer", fontsize=8)
-                ax.legend(fontsize=6)
-                ax.grid(alpha=0.3)
-                continue
-            if name not in measures:
-                ax.set_visible(False)
-                continue
-            e, v = measures[name]
-            keep_t = e > 0
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)
-                ax.plot(e[keep_t], np.nanmean(v[keep_t], 1), color="tab:green")
-                if v.shape[1] > 1:
-                    ax.fill_between(e[keep_t], np.nanmin(v[keep_t], 1), np.nanmax(v[keep_t], 1),
-                                    color="tab:green", alpha=0.2)
-            bad = ~np.isfinite(v).all()
-            ax.set_ylabel(MEASURE_LABELS.get(name, name) + (" (NaN!)" if bad else ""), fontsize=8)
-            ax.grid(alpha=0.3)
-        first = first_epoch(ep[keep], np.nanmean(m[keep, :, TEST_ACC], 1), 0.95)  # test accuracy at 95%
-        for row in range(1 + len(names)):
-            axes[row][col].set_xscale("log")
-            if first is not None:
-                axes[row][col].axvline(first, color="tab:red", ls=":", lw=1)
-        axes[-1][col].set_xlabel("epoch")
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    return save_figure(fig, out or run / "progress.png", dpi=110)
-
-
 @script
 def main(argv=None):
     """python harness.py plot RUN_DIR | merge DIR [DIR ...] --out DIR"""
@@ -1226,7 +1028,7 @@ def main(argv=None):
     if argv[:1] == ["plot"] and len(argv) == 2:
         if not (Path(argv[1]) / "metrics.csv").is_file():
             raise ConfigError(f"no metrics.csv in {argv[1]}")
-        print(plot_dynamics(Path(argv[1])))
+        print(plots.plot_dynamics(Path(argv[1])))
     elif argv[:1] == ["merge"] and "--out" in argv[:-1]:
         i = argv.index("--out")
         dirs, out = argv[1:i] + argv[i + 2:], argv[i + 1]

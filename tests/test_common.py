@@ -8,6 +8,7 @@ import torch
 
 import common
 import harness
+import plots
 from common import ConfigError
 
 
@@ -249,9 +250,9 @@ def test_plot_reports_nan_instead_of_drawing_it(tmp_path):
     h["metrics"][3:, 0, :] = np.nan  # as if the loss blew up at the 4th evaluation
     write_metrics(tmp_path / "metrics.csv", harness.history_rows("scratch", h))
     d = harness.read_metrics(tmp_path / "metrics.csv")["scratch"]
-    note = harness.panel_note(d["epochs"], d["metrics"])
+    note = plots.panel_note(d["epochs"], d["metrics"])
     assert f"NaN/inf from epoch {h['epochs'][3]} (1 of 1 members)" in note
-    assert harness.plot_dynamics(tmp_path).is_file()  # draws the finite part without failing
+    assert plots.plot_dynamics(tmp_path).is_file()  # draws the finite part without failing
 
 
 def test_all_members_nan_stops_the_phase():
@@ -308,7 +309,7 @@ def test_summary_and_metrics_round_trip(tmp_path):
     accs = [m["final_test_acc"] for m in s["members"]]
     assert s["final_test_acc_mean"] == pytest.approx(np.mean(accs)) and s["final_test_acc_std"] == pytest.approx(np.std(accs))
     torch.testing.assert_close(torch.tensor(h["metrics"][-1, :, 4]), common.weight_norm(model), rtol=1e-5, atol=1e-6)
-    png = harness.plot_dynamics(tmp_path)
+    png = plots.plot_dynamics(tmp_path)
     assert png.stat().st_size > 10_000
 
 
@@ -338,8 +339,8 @@ def test_panel_note_lists_each_members_time_gap():
     m = np.zeros((4, 2, 5))
     m[:, 0, 1], m[:, 0, 3] = [0, 1, 1, 1], [0, 0, 1, 1]  # gap 10
     m[:, 1, 1], m[:, 1, 3] = [0, 1, 1, 1], [0, 0, 0, 0.5]  # never
-    assert harness.panel_note(ep, m[:, :1]) == "Time Gap 10"
-    assert harness.panel_note(ep, m) == "Time Gap per member: 10, -"
+    assert plots.panel_note(ep, m[:, :1]) == "Time Gap 10"
+    assert plots.panel_note(ep, m) == "Time Gap per member: 10, -"
 
 
 # ----------------------------------------------------------------------------- list config, grid search
@@ -434,10 +435,10 @@ def test_best_point_grid_csv_round_trip_and_heatmap(tmp_path):
     harness.write_grid(tmp_path / "grid.csv", rows)
     back = harness.read_grid(tmp_path / "grid.csv")
     assert back == sorted(rows, key=lambda r: r["point"])
-    assert harness.plot_grid(back, tmp_path / "grid.png", "t").stat().st_size > 1000
+    assert plots.plot_grid(back, tmp_path / "grid.png", "t").stat().st_size > 1000
     none = [dict(r, status="not_reached", first_epoch_test_90=None) for r in rows]
     assert harness.best_point(none) is None
-    assert harness.plot_grid(none, tmp_path / "none.png", "t").is_file()  # nothing reached: still a figure
+    assert plots.plot_grid(none, tmp_path / "none.png", "t").is_file()  # nothing reached: still a figure
 
 
 def test_best_point_breaks_ties_by_test_loss_then_point():

@@ -144,3 +144,30 @@ def test_harness_plot_redraws_a_run_and_refuses_a_directory_without_metrics(tmp_
     r = subprocess.run([sys.executable, str(ROOT / "harness.py"), "plot", str(tmp_path)], capture_output=True,
                        text=True)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "no metrics.csv" in r.stderr
+
+
+def test_files_a_run_reads_are_refused_in_one_line(tmp_path, monkeypatch, capsys):
+    """A config that is not UTF-8, a resumed config.yaml that is not a mapping, a weak embedding of width 0
+    or saved for another op: exit 2, one line, nothing written."""
+    import exp_modular
+    monkeypatch.chdir(tmp_path)
+    smoke = str(ROOT / "configs/smoke/modular.yaml")
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("op: add  # caf\xe9\n".encode("latin-1"))
+    run = tmp_path / "listrun"
+    run.mkdir()
+    (run / "config.yaml").write_text("- 1\n- 2\n")
+    torch.save(dict(embedding=torch.zeros(23, 0)), tmp_path / "zero.pt")
+    torch.save(dict(embedding=torch.randn(23, 4), op="add", p=23), tmp_path / "add.pt")
+    cases = [(["--config", str(latin)], "is not UTF-8 text"),
+             (["--config", smoke, "--out", str(run), "--resume"], "is not a mapping"),
+             (["--config", smoke, "--weak_embedding", str(tmp_path / "zero.pt"), "--phases", "groktransfer"],
+              "has width 0"),
+             (["--config", smoke, "--op", "mul", "--weak_embedding", str(tmp_path / "add.pt"), "--phases",
+               "groktransfer"], "saved for another task: op 'add' (this run: 'mul')")]
+    for argv, words in cases:
+        with pytest.raises(SystemExit) as e:
+            exp_modular.main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1 and words in err, err
+    assert not (tmp_path / "runs").exists() and sorted(p.name for p in run.iterdir()) == [".lock", "config.yaml"]

@@ -37,7 +37,15 @@ def generic(script):
         "negative wd": ([f"--{wd}", "-1"], f"{wd} must be >= 0"),
         "epochs beyond memory": ([f"--{epochs}", "1e12"], "GiB of memory"),
         "bad device": (["--device", "tpu"], "unknown device 'tpu'"),
+        "device mps": (["--device", "mps"], "unknown device 'mps'"),
+        "device meta": (["--device", "meta"], "unknown device 'meta'"),
+        "seed -1": (["--seed", "-1"], "numpy's seed range"),
+        "seed 1e30": (["--seed", "1e30"], "numpy's seed range"),
+        "seeds past the range": (["--seed", str(2 ** 32 - 1), "--seeds", "2"], "numpy's seed range"),
+        "name outside runs": (["--name", "../../x"], "name must stay inside runs/"),
     }
+    if script in ("modular", "modular_studies", "parity", "transformer", "mnist"):
+        cases["eval_every above epochs"] = (["--eval_every", "100000"], "is larger than epochs")
     if script != "xor":  # xor is plain gradient descent: no AdamW betas
         cases["beta1 2"] = (["--beta1", "2"], "beta1 must be in [0, 1)")
         cases["adam_eps 0"] = (["--adam_eps", "0"], "adam_eps must be positive")
