@@ -1,7 +1,5 @@
-"""The research code of the GrokTransfer experiments: models, the loop, metrics. Each exp_*.py imports
-it and harness.py (run files, CLI, checkpoints, grid, plots: nothing to read to follow a run).
-
-Read these three first: `factored_embedding` (the paper's idea: E = A @ B, A = the weak model's
+"""The research code of the GrokTransfer experiments (the run machinery is harness.py, nothing to read
+to follow a run). Read first: `factored_embedding` (the paper's idea: E = A @ B, A = the weak model's
 embedding, B random, both trained), `token_mlp` (the FNNs of the modular tasks) and `train` (the loop).
 
 The model contract. A model holds K >= 1 independent members (seeds, init scales, learning rates,
@@ -10,13 +8,12 @@ weight decays) as stacked parameters:
   - forward(x) takes one batch x (n, ...) shared by the members and returns logits (K, n, C);
   - a transferable embedding is a module with table() -> (K, vocab, d) (tokens) and project(x) ->
     (K, n, d) (dense inputs): `Embedding`, `FactoredEmbedding`.
-`train` steps the members together with batched matmuls and checks the first two rules (ConfigError
-naming the rule). Members never mix: the loss is a sum of per-member losses and each member draws
-its init from its own seeded generator, so a member trained among others follows the trajectory it
-follows alone (to rounding). K = 1 is the ordinary run; seed bands and the grid use the same code.
+`train` steps the members together (batched matmuls) and checks the first two rules. Members never mix:
+the loss is a sum of per-member losses and each member draws its init from its own seeded generator,
+so a member among others follows the trajectory it follows alone (to rounding); K = 1 is one run.
 
 Map, in the order a run uses it:
-  1. Models       Embedding, FactoredEmbedding, factored_embedding, MLP, token_mlp, dense_mlp
+  1. Models       Embedding, FactoredEmbedding, factored_embedding, gather_rows, MLP, token_mlp, dense_mlp
   2. Transformer  Transformer, transformer (Nanda et al.'s decoder; pre-LN option), transformer_flops
   3. Losses       cross_entropy, accuracy (each script adds its own: MSE, logistic)
   4. Optimizer    AdamW (per-member lr and wd, an optional gradient filter)
@@ -151,6 +148,12 @@ def factored_embedding(weak: torch.Tensor, vocab: int, d_target: int, init_scale
     return FactoredEmbedding(weak.detach().clone().float(), B)
 
 
+def gather_rows(table: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """table[:, x], (K, V, d) and tokens (n, T) -> (K, n, T, d), by index_select: its backward adds a
+    repeated token's gradients in input order on any CPU thread count (plain indexing's: in any order)."""
+    return torch.index_select(table, 1, x.reshape(-1)).view(table.shape[0], *x.shape, table.shape[2])
+
+
 class MLP(nn.Module):
     """K ReLU MLPs, f(x) = W_L relu(... relu(W_1 e(x))), weights stacked (K, in, out), bias-free (the
     paper's FNNs "do not have bias terms") unless `biases` (K, 1, out) are given.
@@ -174,7 +177,7 @@ class MLP(nn.Module):
             return x.expand(self.layers[0].shape[0], -1, -1)  # (K, n, d_in)
         if not x.is_floating_point():  # tokens
             table = self.embed.table()  # (K, V, d)
-            return table[:, x].reshape(table.shape[0], x.shape[0], -1)  # (K, n, tokens * d)
+            return gather_rows(table, x).reshape(table.shape[0], x.shape[0], -1)  # (K, n, tokens * d)
         h = self.embed.project(x)  # (K, n, d)
         return torch.relu(h) if self.embed_act else h
 
@@ -267,7 +270,7 @@ class Transformer(nn.Module):
         table = self.embed.table()  # (K, V, d)
         K, d = table.shape[0], table.shape[2]
         n, T = x.shape
-        h = (table[:, x] + self.pos[:, None, :T]).reshape(K, n * T, d)  # (K, n T, d): one bmm per weight
+        h = (gather_rows(table, x) + self.pos[:, None, :T]).reshape(K, n * T, d)  # (K, n T, d): one bmm each
 
         def norm(h, w, b):  # LayerNorm with a per-member gain and bias
             return F.layer_norm(h, h.shape[-1:]) * w + b
@@ -311,10 +314,8 @@ def transformer(vocab: int, n_ctx: int, n_out: int, *, n_layers: int, d_model: i
                    w_out=linear(d_mlp, (d_mlp, d_model)), b_out=linear(d_mlp, (1, d_model)))
               for _ in range(n_layers)]
     unembed = linear(d_model, (d_model, n_out))
-    ln_f = None
+    ln_f, ln = None, lambda: (torch.ones(K, 1, d_model), torch.zeros(K, 1, d_model))
     if layer_norm:
-        def ln():
-            return torch.ones(K, 1, d_model), torch.zeros(K, 1, d_model)
         for b in blocks:
             (b["ln1_w"], b["ln1_b"]), (b["ln2_w"], b["ln2_b"]) = ln(), ln()
         ln_f = dict(zip(("w", "b"), ln()))
@@ -323,9 +324,8 @@ def transformer(vocab: int, n_ctx: int, n_out: int, *, n_layers: int, d_model: i
 
 def transformer_flops(n_tokens: int, n_layers: int, d_model: int, d_mlp: int, n_heads: int, d_head: int,
                       n_ctx: int, n_out: int, n_seqs: int) -> int:
-    """Training FLOPs of one full-batch epoch (forward + backward = 3 x forward): 2 per multiply-add of
-    every matmul over n_tokens token positions, attention scores and mixing included, plus the
-    unembedding at the last position of each of n_seqs sequences."""
+    """Training FLOPs of one full-batch epoch (forward + backward = 3 x forward): 2 per multiply-add of every
+    matmul over n_tokens positions (attention too), plus the unembedding at each sequence's last position."""
     hd = n_heads * d_head
     per_token = n_layers * (d_model * 3 * hd + hd * d_model + 2 * d_model * d_mlp + 2 * n_ctx * hd)
     return 6 * (n_tokens * per_token + n_seqs * d_model * n_out)
@@ -611,8 +611,8 @@ def observe(ph: Phase, model, opt, evaluate_fn, log) -> bool:
 
 
 def keep_members(model, opt, keep: torch.Tensor):
-    """Drop every member not in `keep` (indices) from the model's parameters and the optimizer state.
-    The parameters are replaced by new, smaller ones (resizing .data in place confuses autograd)."""
+    """Drop the members not in `keep` from the model (new, smaller parameters: resizing .data in place
+    confuses autograd) and from the optimizer state."""
     new = {}
     for module in model.modules():
         for name, p in list(module._parameters.items()):
@@ -628,7 +628,7 @@ def keep_members(model, opt, keep: torch.Tensor):
 
 
 # =============================================================================
-# 6. Around the loop: checkpoint state (pack, restore), signals, precision, the progress log
+# 6. Around the loop: checkpoint state (pack, restore), precision, the progress log
 
 
 def pack(ph: Phase, model, opt, done: bool) -> dict:

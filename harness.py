@@ -707,7 +707,8 @@ class RunRecord:
 
     def __init__(self, run: Path, cfg, header: dict, title: str = ""):
         self.run, self.cfg, self.title = Path(run), cfg, title
-        self.summary = dict(header, threads=torch.get_num_threads(), phases={})
+        self.summary = dict(header, threads=torch.get_num_threads(), torch=torch.__version__,  # what a rerun
+                            cpu_capability=torch.backends.cpu.get_cpu_capability(), phases={})  # must match
         self.rows, self.models, self.progress = [], {}, []
 
     def checkpoint(self, phase: str) -> Checkpoint:
