@@ -63,11 +63,8 @@ def _per_member(value, K: int) -> list[float]:
 
 
 def linear_init(gen: torch.Generator, fan_in: int, shape, scale: float) -> torch.Tensor:
-    """PyTorch's default nn.Linear weight init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)), times init_scale.
-
-    (kaiming_uniform_ with a=sqrt(5) has bound sqrt(6/((1+5) fan_in)) = 1/sqrt(fan_in).)
-    Stored as (in, out) so that a forward pass is x @ W.
-    """
+    """PyTorch's default nn.Linear weight init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)), times init_scale
+    (kaiming_uniform_ with a=sqrt(5): bound sqrt(6/((1+5) fan_in)) = 1/sqrt(fan_in)); stored (in, out)."""
     bound = 1.0 / math.sqrt(fan_in)
     return (torch.rand(shape, generator=gen) * 2 - 1) * bound * scale
 
@@ -420,21 +417,18 @@ def train(model, data, *, epochs: int, lr=None, wd=None, betas=None, eps=None, e
     """Full-batch AdamW on the K members of `model` for `epochs` epochs; returns the phase's history.
 
     data: device tensors x_train, y_train, x_test, y_test. lr (needed), wd (default 0): a float or one
-    per member; betas, eps: PyTorch's defaults. Evaluates at epoch 0, every eval_every epochs, at EARLY
-    epochs below eval_every and at the end.
+    per member; betas, eps: PyTorch's. Evaluates at epoch 0, every eval_every, at EARLY epochs and the end.
     stop_at: a member whose test accuracy reaches it is frozen; the phase ends when all are. A member
     whose train loss is NaN/inf is frozen and marked failed (history["diverged"]: all failed).
-    compact: once at most half the members still train, drop the frozen ones (a grid search); their
-    rows then repeat their last values.
+    compact: once at most half the members still train, drop the frozen ones (their rows repeat).
     ckpt: the phase's checkpoint (harness.Checkpoint: every, resume, load(), save(state),
     on_interrupt(history), stop_requested()), saved every ckpt.every epochs and at the end, resumed
     from with ckpt.resume. stop (default ckpt.stop_requested), read at every step boundary: a signal
     number checkpoints the phase and raises Interrupted; the caller prints and exits.
     grad_filter: changes every gradient before the AdamW step (AdamW). tracker: progress measures,
     history["tracked"] = {"epochs": (T,), name: (T, K)}.
-    step, evaluate_fn: a loop of the script's own (exp_xor's analytic gradient descent): `model` is then
-    the dict of tensors (or the module) that step() updates, evaluate_fn() -> (K, 5); the AdamW
-    arguments (lr, wd, betas, eps, loss_fn, acc_fn, grad_filter, compact) are then refused.
+    step, evaluate_fn: a loop of the script's own (exp_xor's gradient descent): `model` is then what
+    step() updates (tensors or a module), evaluate_fn() -> (K, 5), and AdamW's arguments are refused.
     Returns epochs (E,), metrics (E, K, 5), stop_epoch / failed_epoch (K,) (-1 = never), epochs_run,
     wall_s, compute_s (E,): training seconds up to each evaluation, evaluation excluded.
     """
@@ -461,9 +455,14 @@ def train(model, data, *, epochs: int, lr=None, wd=None, betas=None, eps=None, e
     ph = Phase(model, epochs, eval_every, stop_at, compact, tracker, desc)
     saved = ckpt.load() if ckpt is not None and ckpt.resume else None
     if saved is not None:
-        restore(ph, saved, model, opt)
+        try:
+            restore(ph, saved, model, opt)
+        except (KeyError, RuntimeError, ValueError, TypeError) as e:  # another version's, or another model's
+            first = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+            raise ConfigError(f"checkpoint {getattr(ckpt, 'path', '')} does not fit this model ({first}); "
+                              f"delete it to redo its phase") from None
         if saved["done"]:
-            return ph.history()
+            return saved["history"]  # as recorded: a finished phase read back is the same, to the byte
     log = Log(desc, epochs, ph.epoch, eval_every, quiet)
 
     with precision_context(precision, ph.device):
@@ -486,15 +485,16 @@ def train(model, data, *, epochs: int, lr=None, wd=None, betas=None, eps=None, e
                 raise Interrupted(signum, f"epoch {ph.epoch} of phase '{desc}'", saved=ckpt is not None)
         if ph.epochs_logged[-1] != ph.epoch:
             observe(ph, model, opt, evaluate_fn, log)
+    history = ph.history()  # the one a finished checkpoint keeps, so a resume reads back the same
     if ckpt is not None:
-        ckpt.save(pack(ph, model, opt, done=True))
+        ckpt.save(pack(ph, model, opt, done=True, history=history))
     log.close()  # the last observe() copied to the host, so the device is idle here
     failed = np.flatnonzero(ph.failed_epoch >= 0)
     if len(failed) and not quiet:
         which = "all members" if len(failed) == ph.K else f"members {failed.tolist()}"
         print(f"[{desc}] {which} diverged (NaN/inf loss); first at epoch {ph.failed_epoch[failed].min()}",
               file=sys.stderr)
-    return ph.history()
+    return history
 
 
 def check_contract(model, x: torch.Tensor):
@@ -572,8 +572,8 @@ class Phase:
         tracked = {"tracked": {k: np.array(v) for k, v in self.tracked.items()}} if self.tracker else {}
         return dict(epochs=np.array(self.epochs_logged), metrics=np.stack(self.rows),
                     stop_epoch=self.stop_epoch.copy(), failed_epoch=self.failed_epoch.copy(),
-                    epochs_run=self.epoch,
-                    wall_s=time.perf_counter() - self.t0, compute_s=np.array(self.compute_s),
+                    epochs_run=self.epoch, wall_s=time.perf_counter() - self.t0,
+                    compute_s=np.array(self.compute_s),
                     eval_s=self.eval_s, diverged=bool((self.failed_epoch >= 0).all()), **tracked)
 
 
@@ -631,7 +631,7 @@ def keep_members(model, opt, keep: torch.Tensor):
 # 6. Around the loop: checkpoint state (pack, restore), precision, the progress log
 
 
-def pack(ph: Phase, model, opt, done: bool) -> dict:
+def pack(ph: Phase, model, opt, done: bool, history: dict | None = None) -> dict:
     """A checkpoint: model (or the step's tensors), optimizer, the phase's record so far, RNG states."""
     weights = model.state_dict() if isinstance(model, nn.Module) else dict(model)
     gf = opt.grad_filter.h if opt is not None and opt.grad_filter is not None else None
@@ -640,7 +640,7 @@ def pack(ph: Phase, model, opt, done: bool) -> dict:
     rng = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(),
                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
     return dict(done=done, epoch=ph.epoch, model=weights, alive=ph.alive, last_row=ph.last_row, opt=state,
-                history=ph.history(), rng=rng)
+                history=history or ph.history(), rng=rng)
 
 
 def restore(ph: Phase, saved: dict, model, opt):
@@ -865,12 +865,11 @@ def centered_alignment(kernel: torch.Tensor, labels: torch.Tensor, n_classes: in
 
 class Tracker:
     """Progress measures of every member on fixed probe points, taken by `train` at epoch 0, at EARLY
-    epochs below `every` and every `every` epochs (at evaluation, outside the timed training):
-      "ntk": ||Theta_t - Theta_0||_F / ||Theta_0||_F of the empirical NTK (Theta_0 from the model as built,
-             so a resumed run has the same reference); "cka": centred alignment of Theta_t with the labels;
-      hidden: a function of one member's first hidden layer on the probe points, (s, width) array ->
-             {name: float} (exp_modular passes its O-information measures);
-    and always "wnorm:<parameter>", the L2 norm of each parameter tensor. Returns {name: (K,) array}."""
+    epochs below `every` and every `every` epochs (at evaluation, outside the timed training): "ntk",
+    ||Theta_t - Theta_0||_F / ||Theta_0||_F of the empirical NTK (Theta_0 from the model as built, so a
+    resumed run has the same reference); "cka", centred alignment of Theta_t with the labels; hidden, a
+    function of one member's first hidden layer on the probes, (s, width) -> {name: float} (the
+    O-information study's); always "wnorm:<parameter>", each tensor's L2 norm. -> {name: (K,) array}."""
 
     def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, names: list[str], every: int,
                  n_classes: int, hidden=None):

@@ -12,8 +12,7 @@ needs reading to follow a run (the research code is common.py). Open it to chang
   7. Grid files   best_point, grid.csv, merge (shards of a job array)
 The figures drawn from a run's files are in plots.py.
 
-Commands: `python harness.py plot RUN_DIR` redraws a run's dynamics.png; `python harness.py merge DIR
-... --out DIR` combines the shards of a grid into a new directory.
+Commands: `python harness.py plot RUN_DIR` (dynamics.png again), `merge DIR ... --out NEW` (grid shards).
 """
 from __future__ import annotations
 
@@ -21,6 +20,7 @@ import contextlib
 import csv
 import dataclasses
 import functools
+import hashlib
 import inspect
 import io
 import itertools
@@ -255,14 +255,10 @@ def parse_config(defaults, argv: list[str], choices: dict | None = None):
             mark = getattr(e, "problem_mark", None)
             where = f" (line {mark.line + 1})" if mark else ""
             raise ConfigError(f"config file {config_file} is not valid YAML{where}") from None
-        if loaded is None:
-            loaded = {}
+        loaded = {} if loaded is None else loaded
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {config_file} must be a mapping of key: value")
-        for key, raw in loaded.items():
-            if key not in hints:
-                raise unknown(key)
-            values[key] = _coerce(key, raw, hints[key], choices)
+        pairs = list(loaded.items()) + pairs  # the file first: flags override it
     for key, raw in pairs:
         if key not in hints:
             raise unknown(key)
@@ -419,15 +415,20 @@ def open_run(cfg, experiment: str) -> Path:
     if resume and not (path / "config.yaml").is_file():
         raise ConfigError(f"--resume: no run in {path} (no config.yaml)")
     run = claim_dir(path, unique=not (cfg.out or cfg.name))
-    held = (run / "config.yaml").is_file()
+    if not resume and (run / "config.yaml").is_file():
+        raise ConfigError(f"{run} already holds a run; add --resume to continue it, or choose another --out")
     if not resume:
-        if held:
-            raise ConfigError(f"{run} already holds a run; add --resume to continue it, or choose another "
-                              f"--out")
         write_atomic(run / "config.yaml", yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
-        catch_signals()
-        _OPEN_RUNS.append(run)
-        return run
+    else:
+        check_resume(run, cfg)
+    catch_signals()
+    _OPEN_RUNS.append(run)
+    return run
+
+
+def check_resume(run: Path, cfg):
+    """The run in `run` is cfg's (config.yaml agrees on every key that changes results) and every
+    checkpoint in it is readable and its own; ConfigError naming the problem otherwise."""
     try:
         old = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8")) or {}
     except (yaml.YAMLError, UnicodeDecodeError):
@@ -439,9 +440,6 @@ def open_run(cfg, experiment: str) -> Path:
             raise ConfigError(f"--resume: config key '{key}' is {value!r} but the run used {old.get(key)!r}; "
                               f"resuming would change its results")
     check_checkpoints(run, cfg)
-    catch_signals()
-    _OPEN_RUNS.append(run)
-    return run
 
 
 def claim_dir(path: Path, unique: bool = False) -> Path:
@@ -487,17 +485,26 @@ def resume_command(run: Path) -> str:
 def write_atomic(path: Path, data: bytes | str):
     """Write to a temporary file beside `path`, fsync, rename: a crash never leaves half a file. The file
     gets the mode the user's umask gives (mkstemp's 0600 would hide it from the group)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    path, data = Path(path), data.encode() if isinstance(data, str) else data
+    with contextlib.suppress(OSError):
+        if path.stat().st_size == len(data) and path.read_bytes() == data:
+            return  # unchanged: a resumed run that has nothing new to say touches no file
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, str(path)) from None
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         umask = os.umask(0o022)  # read it (os.umask sets and returns the old value), then put it back
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise OSError(e.errno, e.strerror, str(path)) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -514,13 +521,22 @@ def save_json(obj, path: Path):
     write_atomic(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
 
 
-def write_csv(path: Path, rows: list[dict], fields: list[str]):
-    """Every row so far, atomically (metrics.csv, progress.csv, grid.csv); None is written empty."""
+def write_csv(path: Path, rows: list[dict], fields: list[str], tail: str = ""):
+    """Every row so far, then `tail` (lines already in CSV form), atomically (metrics.csv, progress.csv,
+    grid.csv); None is written empty."""
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=fields)
     writer.writeheader()
     writer.writerows({k: "" if v is None else v for k, v in r.items()} for r in rows)
-    write_atomic(path, buf.getvalue())
+    write_atomic(path, buf.getvalue() + tail)
+
+
+def lines_by_phase(path: Path, read: bool = True) -> dict[str, str]:
+    """A long-format CSV's data lines grouped by their first column (the phase), in file order."""
+    out: dict[str, str] = {}
+    for line in path.read_bytes().decode().splitlines(keepends=True)[1:] if read and path.is_file() else []:
+        out[line.split(",", 1)[0]] = out.get(line.split(",", 1)[0], "") + line  # keeps csv's \r\n
+    return out
 
 
 METRIC_FIELDS = ["phase", "member", "epoch", *METRICS]  # metrics.csv, long format
@@ -579,10 +595,6 @@ EXIT_STATUS = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGHUP: 129}  # 1
 SIGNAL_NAMES = {signal.SIGINT: "interrupted", signal.SIGTERM: "SIGTERM", signal.SIGHUP: "SIGHUP"}
 
 
-def _note_signal(signum, frame):
-    _SIGNALS.append(signum)
-
-
 def stop_requested() -> int:
     """The first signal received since the run opened, or 0: what common.train reads between steps."""
     return _SIGNALS[0] if _SIGNALS else 0
@@ -595,7 +607,7 @@ def catch_signals():
     import threading
     if threading.current_thread() is threading.main_thread():
         for s in EXIT_STATUS:
-            signal.signal(s, _note_signal)
+            signal.signal(s, lambda signum, frame: _SIGNALS.append(signum))
 
 
 def script(main):
@@ -605,15 +617,23 @@ def script(main):
     @functools.wraps(main)
     def run(argv=None):
         try:
-            return main(argv)
+            out = main(argv)
         except ConfigError as e:
             fail(str(e))
+        except OSError as e:  # a full disk, a read-only or immutable file: what was written before stays
+            hint = f"; resume: {resume_command(_OPEN_RUNS[-1])}" if _OPEN_RUNS else ""
+            fail(f"I/O error on {e.filename or 'a file'} ({e.strerror or type(e).__name__}); every file "
+                 f"written before is intact{hint}")
         except Interrupted as e:
             what, status = SIGNAL_NAMES.get(e.signum, "stopped"), EXIT_STATUS.get(e.signum, 130)
             resume = resume_command(_OPEN_RUNS[-1]) if _OPEN_RUNS else "the same command with --resume"
-            if e.saved:
-                fail(f"{what} at {e.where}; checkpoint and metrics saved. Resume: {resume}", status=status)
-            fail(f"{what} at {e.where} (not checkpointed); resume: {resume}", status=status)
+            saved = "; checkpoint and metrics saved. Resume: " if e.saved else " (not checkpointed); resume: "
+            fail(f"{what} at {e.where}{saved}{resume}", status=status)
+        signum = stop_requested()
+        if signum:  # arrived after the last step: nothing to checkpoint, every file is written
+            fail(f"{SIGNAL_NAMES.get(signum, 'stopped')} as the run finished; its files are complete",
+                 status=EXIT_STATUS.get(signum, 130))
+        return out
     return run
 
 
@@ -630,27 +650,46 @@ class Checkpoint:
         self.path, self.every, self.resume, self.owner = Path(path), every, resume, owner
         self.on_interrupt = on_interrupt or (lambda history: None)
 
-    @staticmethod
-    def stop_requested() -> int:
-        return stop_requested()
+    stop_requested = staticmethod(stop_requested)  # the signal flag, read by common.train between steps
 
     def save(self, state: dict):
-        save_atomic(dict(state, owner=self.owner), self.path)
+        """The state, serialised, inside an envelope that carries its SHA-256 (checked by read_checkpoint)."""
+        buf = io.BytesIO()
+        torch.save(dict(state, owner=self.owner), buf)
+        payload = buf.getvalue()
+        digest = hashlib.sha256(payload).hexdigest()
+        save_atomic(dict(format=CHECKPOINT_FORMAT, sha256=digest, payload=payload), self.path)
 
     def load(self) -> dict | None:
         return read_checkpoint(self.path, self.owner) if self.path.is_file() else None
 
 
+CHECKPOINT_FORMAT = "groktransfer-checkpoint-2"  # the envelope: format, sha256, payload
+CHECKPOINT_KEYS = {"done", "epoch", "model", "alive", "last_row", "opt", "history", "rng", "owner"}  # pack's
+
+
 def read_checkpoint(path: Path, owner) -> dict:
-    """A checkpoint, read whole and checked to be `owner`'s; ConfigError naming the file otherwise."""
+    """A checkpoint, read whole, its checksum and keys checked, and checked to be `owner`'s; ConfigError
+    naming the file otherwise."""
+    redo = "delete it to redo its phase"
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        outer = torch.load(path, map_location="cpu", weights_only=False)
+        sealed = isinstance(outer, dict) and outer.get("format") == CHECKPOINT_FORMAT
+        intact = sealed and hashlib.sha256(outer["payload"]).hexdigest() == outer["sha256"]
+        state = torch.load(io.BytesIO(outer["payload"]), map_location="cpu", weights_only=False) if intact \
+            else {}
     except Exception as e:  # truncated, empty, not a torch file: whatever torch.load raises
-        raise ConfigError(f"checkpoint {path} cannot be read ({type(e).__name__}); delete it to redo its "
-                          f"phase") from None
-    if not isinstance(state, dict) or not {"done", "model", "history", "owner"} <= set(state):
-        raise ConfigError(f"checkpoint {path} is not a checkpoint of this program; delete it to redo its "
-                          f"phase")
+        raise ConfigError(f"checkpoint {path} cannot be read ({type(e).__name__}); {redo}") from None
+    if not sealed:
+        raise ConfigError(f"checkpoint {path} is not a checkpoint of this program (or of an older version of "
+                          f"it); {redo}")
+    if not intact:
+        raise ConfigError(f"checkpoint {path} fails its checksum (its bytes changed since it was written); "
+                          f"{redo}")
+    missing = CHECKPOINT_KEYS - set(state) if isinstance(state, dict) else CHECKPOINT_KEYS
+    if missing:
+        raise ConfigError(f"checkpoint {path} lacks {', '.join(sorted(missing))} (written by another version "
+                          f"of the program); {redo}")
     if owner is not None and state["owner"] != owner:
         theirs, ours = state["owner"] or {}, owner
         diff = sorted(k for k in set(theirs.get("config", {})) | set(ours["config"])
@@ -710,11 +749,29 @@ class RunRecord:
         self.summary = dict(header, threads=torch.get_num_threads(), torch=torch.__version__,  # what a rerun
                             cpu_capability=torch.backends.cpu.get_cpu_capability(), phases={})  # must match
         self.rows, self.models, self.progress = [], {}, []
+        # a resume writes nothing shorter than it found: the phases not yet read back keep their lines
+        summary = self.run / "summary.json"
+        found = json.loads(summary.read_text()).get("phases", {}) if cfg.resume and summary.is_file() else {}
+        self.found = dict(phases=found, **{kind: lines_by_phase(self.run / f"{kind}.csv", cfg.resume)
+                                           for kind in ("metrics", "progress")})
+
+    def _tail(self, kind: str, rows: list[dict]) -> str:
+        """The lines of `kind`.csv found at the start for the phases `rows` do not hold yet."""
+        done = {r["phase"] for r in rows}
+        return "".join(lines for phase, lines in self.found[kind].items() if phase not in done)
+
+    def write_metrics(self, extra: list[dict] = ()):
+        rows = self.rows + list(extra)
+        write_csv(self.run / "metrics.csv", rows, METRIC_FIELDS, self._tail("metrics", rows))
+
+    def write_summary(self):
+        later = {k: v for k, v in self.found["phases"].items() if k not in self.summary["phases"]}
+        save_json(dict(self.summary, phases={**self.summary["phases"], **later}), self.run / "summary.json")
 
     def checkpoint(self, phase: str) -> Checkpoint:
         """ckpt_<phase>.pt in the run directory; an interrupt writes metrics.csv with the phase so far."""
         def partial(history):
-            write_csv(self.run / "metrics.csv", self.rows + history_rows(phase, history), METRIC_FIELDS)
+            self.write_metrics(history_rows(phase, history))
         return Checkpoint(self.run / f"ckpt_{phase}.pt", self.cfg.ckpt_every, self.cfg.resume, partial,
                           owner=dict(config=results_config(self.cfg), phase=phase))
 
@@ -722,14 +779,15 @@ class RunRecord:
         """Record a finished phase; print one line; if every member diverged, draw what there is and
         exit with status 1."""
         self.rows.extend(history_rows(phase, hist))
-        write_csv(self.run / "metrics.csv", self.rows, METRIC_FIELDS)
+        self.write_metrics()
         if "tracked" in hist:
             self.progress.extend(progress_rows(phase, hist["tracked"]))
-            write_csv(self.run / "progress.csv", self.progress, PROGRESS_FIELDS)
+            tail = self._tail("progress", self.progress)
+            write_csv(self.run / "progress.csv", self.progress, PROGRESS_FIELDS, tail)
         s = self.summary["phases"][phase] = {**summarize(hist), **(extra or {})}
         if model is not None:
             self.models[phase] = {k: v.cpu() for k, v in model.state_dict().items()}
-        save_json(self.summary, self.run / "summary.json")
+        self.write_summary()
         gaps = [m["time_gap"] for m in s["members"]]
         final = hist["metrics"][-1]  # (K, 5)
         print(f"[{phase}] done: epochs {hist['epochs_run']}  "
@@ -948,11 +1006,9 @@ def check_grid(cfg):
     if cfg.grid:
         if cfg.seeds != 1:
             raise ConfigError("a grid trains one seed per point; leave seeds at 1 (use seed to pick it)")
-        for key in ("grid_init_scales", "grid_lrs", "grid_wds"):
-            values = getattr(cfg, key)
-            if not values or any(v < 0 if key == "grid_wds" else v <= 0 for v in values):
-                kind = "non-negative" if key == "grid_wds" else "positive"
-                raise ConfigError(f"{key} must be a non-empty list of {kind} numbers, got {values}")
+        empty = [key for key in ("grid_init_scales", "grid_lrs", "grid_wds") if not getattr(cfg, key)]
+        if empty:  # their values are checked by role (check_values): lr, wd, init scale
+            raise ConfigError(f"{empty[0]} must be a non-empty list")
         if not 0 < cfg.grid_stop_at <= 1:
             raise ConfigError(f"grid_stop_at must be in (0, 1], got {cfg.grid_stop_at}")
     elif cfg.shard:
