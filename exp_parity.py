@@ -37,7 +37,7 @@ class Config:
     # --- task (appendix A.3.3: "(40, 3)-parity ... sample size n = 1000")
     q: int = 40  # input dimension
     k: int = 3  # parity order |S|
-    support: list[int] = field(default_factory=list)  # S, 1-based coordinates; empty = the first k ({1, 2, 3})
+    support: list[int] = field(default_factory=list)  # S, 1-based coordinates; empty = the first k (1, 2, 3)
     n: int = 1000  # training points
     n_test: int = 2000  # fresh test points (not stated in the paper)
     data_seed: int = 0  # seed of the training set and the test sample
@@ -46,8 +46,8 @@ class Config:
     weak_epochs: int = 10_000  # at most; the weak phase stops at transfer_at
     transfer_at: float = 0.7  # take the weak first layer when test acc first reaches this ("trained to 70%")
     # (init scale, lr, wd) of the weak model: not stated in the paper. Ours, from a search over init
-    # {0.5, 1} x lr {1e-2, 5e-2, 0.1} x wd {0.1, 0.3, 1, 3}, seeds 0-3, 1e4 epochs (RESULTS.md, "Fig 17c"): with
-    # the default init (1.0), the setting where every seed reaches 70% test, after memorising by epoch
+    # {0.5, 1} x lr {1e-2, 5e-2, 0.1} x wd {0.1, 0.3, 1, 3}, seeds 0-3, 1e4 epochs (RESULTS.md, "Fig 17c"):
+    # with the default init (1.0), the setting where every seed reaches 70% test, after memorising by epoch
     # 30-40 (the weak model's delay of Fig 17c's first panel): 70% at epochs 380, 530, 120, 270.
     weak_init_scale: float = 1.0  # not stated in the paper; ours, searched (RESULTS.md, Fig 17c)
     weak_lr: float = 5e-2  # not stated in the paper; ours, searched (RESULTS.md, Fig 17c)
@@ -89,25 +89,29 @@ class Config:
     name: str = ""
     out: str = ""
     quiet: bool = False
-    ckpt_every: int = 1000  # checkpoint every N epochs (and at the end of each phase) in the run directory; 0 = ends only
-    resume: bool = False  # continue the run in --out/--name from its checkpoints (finished phases are skipped)
+    ckpt_every: int = 1000  # checkpoint every N epochs and at each phase's end; 0 = ends only
+    resume: bool = False  # continue the run in --out/--name from its checkpoints (finished phases are read)
 
 
 def check(cfg: Config):
-    harness.require(cfg, positive=("q", "k", "n", "n_test", "weak_width", "weak_epochs", "d_embed", "width", "epochs",
-                                  "eval_every", "seeds"), fractions=("transfer_at", "stop_at"))
+    sizes = ("q", "k", "n", "n_test", "weak_width", "weak_epochs", "d_embed", "width", "epochs", "eval_every",
+             "seeds")
+    harness.require(cfg, positive=sizes, fractions=("transfer_at", "stop_at"))
     if cfg.k > cfg.q:
         raise ConfigError(f"k must be <= q, got k = {cfg.k}, q = {cfg.q}")
     if cfg.support:
-        if len(cfg.support) != cfg.k or len(set(cfg.support)) != cfg.k or not all(1 <= i <= cfg.q for i in cfg.support):
-            raise ConfigError(f"support must be {cfg.k} distinct coordinates in 1..{cfg.q}, got {cfg.support}")
+        inside = all(1 <= i <= cfg.q for i in cfg.support)
+        if len(cfg.support) != cfg.k or len(set(cfg.support)) != cfg.k or not inside:
+            raise ConfigError(f"support must be {cfg.k} distinct coordinates in 1..{cfg.q}, "
+                              f"got {cfg.support}")
     phases = harness.phase_list(cfg.phases, PHASES)
     if "groktransfer" in phases and "weak" not in phases:
         raise ConfigError("phase 'groktransfer' needs the 'weak' phase")
     harness.check_grid(cfg)
-    n_params = cfg.q * cfg.weak_width + cfg.q * cfg.d_embed + cfg.d_embed * cfg.width + cfg.width * cfg.width + cfg.width
+    n_params = cfg.q * (cfg.weak_width + cfg.d_embed) + cfg.d_embed * cfg.width + cfg.width * (cfg.width + 1)
+    n_values = (cfg.n + cfg.n_test) * (cfg.q + cfg.d_embed + 2 * cfg.width)  # inputs and activations
     harness.check_size(f"q = {cfg.q}, n = {cfg.n}, width = {cfg.width}, seeds = {cfg.seeds}",
-                       n_params * cfg.seeds, (cfg.n + cfg.n_test) * (cfg.q + cfg.d_embed + 2 * cfg.width) * cfg.seeds)
+                       n_params * cfg.seeds, n_values * cfg.seeds)
 
 
 # =============================================================================
@@ -115,21 +119,24 @@ def check(cfg: Config):
 
 
 def make_data(q: int, support: list[int], n: int, n_test: int, seed: int, device) -> dict:
-    """x uniform on {±1}^q, y = prod of x over the (1-based) support; training set, then a fresh test sample."""
+    """x uniform on {±1}^q, y = prod of x over the (1-based) support; a training set, then a test set."""
     gen = torch.Generator().manual_seed(seed)
     x = torch.randint(0, 2, (n + n_test, q), generator=gen).float() * 2 - 1
     y = x[:, [i - 1 for i in support]].prod(1)
-    return {k: v.to(device) for k, v in dict(x_train=x[:n], y_train=y[:n], x_test=x[n:], y_test=y[n:]).items()}
+    split = dict(x_train=x[:n], y_train=y[:n], x_test=x[n:], y_test=y[n:])
+    return {k: v.to(device) for k, v in split.items()}
 
 
 def weak_model(cfg, seeds, device):
     """Three-layer FNN, width 16: W3 relu(W2 relu(W1 x)); W1 (q x 16) is what the target inherits."""
-    return common.dense_mlp(cfg.q, None, [cfg.weak_width, cfg.weak_width], 1, cfg.weak_init_scale, seeds).to(device)
+    widths = [cfg.weak_width, cfg.weak_width]
+    return common.dense_mlp(cfg.q, None, widths, 1, cfg.weak_init_scale, seeds).to(device)
 
 
 def target_model(cfg, seeds, init_scale, device, weak=None):
     """Three-layer FNN, width 512, on the embedding x E (q x 128); E = A @ B when `weak` (A) is given."""
-    return common.dense_mlp(cfg.q, cfg.d_embed, [cfg.width, cfg.width], 1, init_scale, seeds, weak=weak).to(device)
+    widths = [cfg.width, cfg.width]
+    return common.dense_mlp(cfg.q, cfg.d_embed, widths, 1, init_scale, seeds, weak=weak).to(device)
 
 
 def transfer(weak_model) -> torch.Tensor:
@@ -164,17 +171,20 @@ def main(argv=None):
     phases = harness.phase_list(cfg.phases, PHASES)
     if cfg.grid:  # the weak phase only when the grid is over GrokTransfer targets
         phases = ["weak"] if cfg.grid_phase == "groktransfer" else []
+    prefix = dict(weak="weak", groktransfer="gt", scratch="scratch")
+    settings = {ph: tuple(getattr(cfg, f"{prefix[ph]}_{x}") for x in ("init_scale", "lr", "wd"))
+                for ph in phases}
     print(f"run directory {run}  device {device}  ({cfg.q}, {cfg.k})-parity on S = {support}  "
-          + (f"grid over {cfg.grid_phase}" if cfg.grid else f"phases {', '.join(phases)}") + "  (init, lr, wd): "
-          + "  ".join(f"{ph} {tuple(getattr(cfg, f'{k}_{x}') for x in ('init_scale', 'lr', 'wd'))}"
-                      for ph, k in (("weak", "weak"), ("groktransfer", "gt"), ("scratch", "scratch")) if ph in phases))
+          + (f"grid over {cfg.grid_phase}" if cfg.grid else f"phases {', '.join(phases)}")
+          + "  (init, lr, wd): " + "  ".join(f"{ph} {v}" for ph, v in settings.items()))
 
     data = make_data(cfg.q, support, cfg.n, cfg.n_test, cfg.data_seed, device)
     seeds = [cfg.seed + i for i in range(cfg.seeds)]
-    train_kw = dict(betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, eval_every=cfg.eval_every, quiet=cfg.quiet,
-                    precision=cfg.precision, **LOSS)
-    record = harness.RunRecord(run, cfg, dict(device=harness.device_name(device), q=cfg.q, k=cfg.k, support=support,
-                                              n_train=cfg.n, n_test=cfg.n_test), title=f"({cfg.q}, {cfg.k})-parity")
+    train_kw = dict(betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, eval_every=cfg.eval_every,
+                    quiet=cfg.quiet, precision=cfg.precision, **LOSS)
+    header = dict(device=harness.device_name(device), q=cfg.q, k=cfg.k, support=support, n_train=cfg.n,
+                  n_test=cfg.n_test)
+    record = harness.RunRecord(run, cfg, header, title=f"({cfg.q}, {cfg.k})-parity")
 
     # 1. weak model, stopped when its test accuracy first reaches transfer_at; its first layer is A
     weak = None
@@ -187,12 +197,14 @@ def main(argv=None):
     if cfg.grid:
         meta = dict(experiment="parity", q=cfg.q, k=cfg.k, support=support, n=cfg.n, n_test=cfg.n_test,
                     data_seed=cfg.data_seed, d_embed=cfg.d_embed, width=cfg.width,
-                    weak=dict(width=cfg.weak_width, transfer_at=cfg.transfer_at, init_scale=cfg.weak_init_scale,
-                              lr=cfg.weak_lr, wd=cfg.weak_wd) if cfg.grid_phase == "groktransfer" else None)
+                    weak=dict(width=cfg.weak_width, transfer_at=cfg.transfer_at,
+                              init_scale=cfg.weak_init_scale, lr=cfg.weak_lr, wd=cfg.weak_wd)
+                    if cfg.grid_phase == "groktransfer" else None)
         default = ((cfg.gt_init_scale, cfg.gt_lr, cfg.gt_wd) if cfg.grid_phase == "groktransfer"
                    else (cfg.scratch_init_scale, cfg.scratch_lr, cfg.scratch_wd))
+        A = weak if cfg.grid_phase == "groktransfer" else None
         return harness.grid_main(cfg, run, data, lambda scales: target_model(
-            cfg, [cfg.seed] * len(scales), scales, device, weak=weak if cfg.grid_phase == "groktransfer" else None),
+            cfg, [cfg.seed] * len(scales), scales, device, weak=A),
             meta, default=default, title=f"({cfg.q}, {cfg.k})-parity", **LOSS)
 
     # 2. target via GrokTransfer: first layer x A B, A = weak first layer, B random; both trainable
@@ -205,8 +217,9 @@ def main(argv=None):
     # 3. the same target from scratch
     if "scratch" in phases:
         model = target_model(cfg, seeds, cfg.scratch_init_scale, device)
-        hist = common.train(model, data, epochs=cfg.epochs, lr=cfg.scratch_lr, wd=cfg.scratch_wd, stop_at=cfg.stop_at,
-                            desc="scratch", ckpt=record.checkpoint("scratch"), **train_kw)
+        hist = common.train(model, data, epochs=cfg.epochs, lr=cfg.scratch_lr, wd=cfg.scratch_wd,
+                            stop_at=cfg.stop_at, desc="scratch", ckpt=record.checkpoint("scratch"),
+                            **train_kw)
         record.phase_done("scratch", hist, model)
 
     record.save_models()

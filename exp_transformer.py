@@ -25,7 +25,7 @@ Usage:
   python exp_transformer.py                                   # Fig 6 left: add, 8 layers, d_model 512
   python exp_transformer.py --op mul                          # Fig 6 right / Fig 13 left
   python exp_transformer.py --config configs/transformer/fig8_add.yaml     # Fig 8: GT against GrokFast
-  python exp_transformer.py --op parity --phases scratch --n_layers 2 --d_model 128 --d_head 32  # Fig 13 right
+  python exp_transformer.py --op parity --phases scratch --n_layers 2 --d_model 128 --d_head 32  # Fig 13
   python exp_transformer.py --config configs/smoke/transformer.yaml --device cpu          # the tests' run
 Every config key below is also a flag (--key value).
 """
@@ -74,7 +74,7 @@ class Config:
     weak_d_embed: int = 4  # rank of A
     weak_width: int = 16  # hidden width of the weak FNN
     weak_epochs: int = 10_000  # at most: the phase stops at transfer_at
-    transfer_at: float = 0.3  # "we extract the embeddings ... at the point that it first reaches 30% test accuracy"
+    transfer_at: float = 0.3  # "we extract the embeddings ... [when] it first reaches 30% test accuracy"
     weak_init_scale: float | None = None  # none: WEAK_SETTINGS for this op (ours; the paper's are not stated)
     weak_lr: float | None = None  # none: WEAK_SETTINGS (1e-2)
     weak_wd: float | None = None  # none: WEAK_SETTINGS (add 0.3, mul 1.0)
@@ -85,7 +85,7 @@ class Config:
     d_mlp: int = 512  # MLP hidden width
     n_heads: int = 4  # attention heads
     d_head: int = 128  # width of each head (paper: 128; Fig 8: 32)
-    layer_norm: bool = False  # Nanda et al.'s blocks have none; Fig 8 / 16 "follow Lee et al.", whose model is pre-LN
+    layer_norm: bool = False  # Nanda et al.'s: none; Fig 8 / 16 "follow Lee et al.", whose model is pre-LN
     epochs: int = 10_000  # every target phase (A.4.1: scratch needs ~1e4 epochs, GrokTransfer ~1e3)
     # (init scale, lr, wd) per target phase; none = SETTINGS above (the paper's for the modular tasks)
     gt_init_scale: float | None = None  # paper: 0.7 (8 layers), 0.6 (2 layers)
@@ -112,7 +112,7 @@ class Config:
     track_every: int = 100  # a multiple of eval_every
     probe_size: int = 64  # one backward pass per probe point and measurement
     # --- runtime
-    phases: str = "weak,groktransfer,scratch"  # in this order; of weak, groktransfer, scratch, grokfast, random_ab
+    phases: str = "weak,groktransfer,scratch"  # in order, of weak, groktransfer, scratch, grokfast, random_ab
     seed: int = 0
     seeds: int = 1  # seeds as members of one run: mean and min-max band per phase
     device: str = "auto"
@@ -125,29 +125,32 @@ class Config:
 
 
 def check(cfg: Config):
-    harness.require(cfg, positive=("p", "weak_d_embed", "weak_width", "weak_epochs", "n_layers", "d_model", "d_mlp",
-                                  "n_heads", "d_head", "epochs", "eval_every", "seeds", "q", "k", "n", "n_test"),
-                   fractions=("transfer_at", "stop_at"))
+    sizes = ("p", "weak_d_embed", "weak_width", "weak_epochs", "n_layers", "d_model", "d_mlp", "n_heads",
+             "d_head", "epochs", "eval_every", "seeds", "q", "k", "n", "n_test")
+    harness.require(cfg, positive=sizes, fractions=("transfer_at", "stop_at"))
     phases = harness.phase_list(cfg.phases, PHASES)
     if cfg.op == "parity":
         if cfg.k > cfg.q:
             raise ConfigError(f"k must be <= q, got k = {cfg.k}, q = {cfg.q}")
         if set(phases) & {"weak", "groktransfer", "random_ab"}:
-            raise ConfigError("op 'parity' runs the phases scratch and grokfast only (no token embedding to transfer)")
+            raise ConfigError("op 'parity' runs the phases scratch and grokfast only (no token embedding to "
+                              "transfer)")
     else:
         check_task(cfg.op, cfg.p, cfg.train_frac)
         if "groktransfer" in phases and "weak" not in phases and not cfg.weak_embedding:
             raise ConfigError("phase 'groktransfer' needs the 'weak' phase or --weak_embedding PATH")
     if not 0 <= cfg.grokfast_alpha < 1 or cfg.grokfast_lamb < 0:
-        raise ConfigError(f"grokfast_alpha must be in [0, 1) and grokfast_lamb >= 0; got {cfg.grokfast_alpha}, "
-                          f"{cfg.grokfast_lamb}")
+        raise ConfigError(f"grokfast_alpha must be in [0, 1) and grokfast_lamb >= 0; "
+                          f"got {cfg.grokfast_alpha}, {cfg.grokfast_lamb}")
     harness.require(cfg, positive=("track_every", "probe_size"))
     if any(t not in ("ntk", "cka") for t in cfg.track):
         raise ConfigError(f"track must be a subset of ntk, cka for a transformer; got {','.join(cfg.track)}")
     if cfg.track and cfg.track_every % cfg.eval_every:
-        raise ConfigError(f"track_every ({cfg.track_every}) must be a multiple of eval_every ({cfg.eval_every})")
+        raise ConfigError(f"track_every ({cfg.track_every}) must be a multiple of eval_every "
+                          f"({cfg.eval_every})")
     n_seqs = cfg.n + cfg.n_test if cfg.op == "parity" else cfg.p * cfg.p
-    d, blocks = cfg.d_model, cfg.n_layers * (4 * cfg.d_model * cfg.n_heads * cfg.d_head + 2 * cfg.d_model * cfg.d_mlp)
+    d = cfg.d_model
+    blocks = cfg.n_layers * (4 * d * cfg.n_heads * cfg.d_head + 2 * d * cfg.d_mlp)
     harness.check_size(f"d_model = {d}, n_layers = {cfg.n_layers}, seeds = {cfg.seeds}",
                        (blocks + (cfg.p + 2) * d + d * cfg.p) * cfg.seeds,
                        n_seqs * 2 * cfg.n_layers * (4 * d + cfg.d_mlp) * cfg.seeds)
@@ -198,7 +201,8 @@ def make_data(cfg, device) -> dict:
     x = torch.stack([a, b], 1)  # (N, 2) tokens
     perm = torch.randperm(len(y), generator=gen)
     tr, te = perm[:round(cfg.train_frac * len(y))], perm[round(cfg.train_frac * len(y)):]
-    return {k: v.to(device) for k, v in dict(x_train=x[tr], y_train=y[tr], x_test=x[te], y_test=y[te]).items()}
+    split = dict(x_train=x[tr], y_train=y[tr], x_test=x[te], y_test=y[te])
+    return {k: v.to(device) for k, v in split.items()}
 
 
 def check_task(op: str, p: int, train_frac: float):
@@ -222,7 +226,7 @@ def weak_model(cfg, seeds, device):
 
 
 def transfer(weak_model) -> torch.Tensor:
-    """GrokTransfer's step: the weak FNN's token embedding (K, p, d_W) becomes A in the transformer's A @ B."""
+    """GrokTransfer's step: the weak FNN's token embedding (K, p, d_W) becomes A in the target's A @ B."""
     return weak_model.embed.weight.detach().cpu()
 
 
@@ -264,9 +268,9 @@ def vocab_ctx_out(cfg) -> tuple[int, int, int]:
 def target_model(cfg, seeds, init_scale, device, weak=None):
     """The decoder-only transformer; token embedding A @ B when `weak` (A, p x d_W) is given."""
     vocab, n_ctx, n_out = vocab_ctx_out(cfg)
-    return common.transformer(vocab, n_ctx, n_out, n_layers=cfg.n_layers, d_model=cfg.d_model, d_mlp=cfg.d_mlp,
-                              n_heads=cfg.n_heads, d_head=cfg.d_head, init_scales=init_scale, seeds=seeds,
-                              weak=weak, layer_norm=cfg.layer_norm).to(device)
+    return common.transformer(vocab, n_ctx, n_out, n_layers=cfg.n_layers, d_model=cfg.d_model,
+                              d_mlp=cfg.d_mlp, n_heads=cfg.n_heads, d_head=cfg.d_head, init_scales=init_scale,
+                              seeds=seeds, weak=weak, layer_norm=cfg.layer_norm).to(device)
 
 
 # =============================================================================
@@ -292,7 +296,7 @@ def table1(summary: dict, device: str) -> list[dict]:
                          ms=round(1e3 * float(np.mean([secs[i] for i in reached])), 1) if reached else None,
                          epochs=float(np.mean([epochs[i] for i in reached])) if reached else None))
     by = {r["phase"]: r for r in rows}
-    if "weak" in by and "groktransfer" in by and by["weak"]["ms"] is not None and by["groktransfer"]["ms"] is not None:
+    if all(ph in by and by[ph]["ms"] is not None for ph in ("weak", "groktransfer")):
         rows.append(dict(phase="weak + groktransfer", until="99% test", reached=by["groktransfer"]["reached"],
                          ms=round(by["weak"]["ms"] + by["groktransfer"]["ms"], 1), epochs=None))
     print(f"Table 1 (device: {device}; training time = forward + backward + AdamW, evaluation excluded)")
@@ -313,20 +317,22 @@ def main(argv=None):
     device = harness.pick_device(cfg.device)
     harness.set_seed(cfg.seed, cfg.deterministic)
     phases = harness.phase_list(cfg.phases, PHASES)
-    task = f"({cfg.q}, {cfg.k})-parity" if cfg.op == "parity" else f"a {'+-*/'[OPS.index(cfg.op)]} b mod {cfg.p}"
+    symbol = "+-*/"[OPS.index(cfg.op)] if cfg.op != "parity" else ""
+    task = f"({cfg.q}, {cfg.k})-parity" if cfg.op == "parity" else f"a {symbol} b mod {cfg.p}"
     title = f"{task}, {cfg.n_layers}-layer transformer (d_model {cfg.d_model})"
     print(f"run directory {run}  device {device}  {title}  phases {', '.join(phases)}  (init, lr, wd): "
           + "  ".join(f"{ph} {phase_setting(cfg, ph)}" for ph in phases))
 
     data = make_data(cfg, device)
     seeds = [cfg.seed + i for i in range(cfg.seeds)]
-    train_kw = dict(betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, eval_every=cfg.eval_every, quiet=cfg.quiet,
-                    precision=cfg.precision)
+    train_kw = dict(betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, eval_every=cfg.eval_every,
+                    quiet=cfg.quiet, precision=cfg.precision)
     vocab, n_ctx, n_out = vocab_ctx_out(cfg)
     n_train = len(data["y_train"])
+    flops = common.transformer_flops(n_train * n_ctx, cfg.n_layers, cfg.d_model, cfg.d_mlp, cfg.n_heads,
+                                     cfg.d_head, n_ctx, n_out, n_train)
     header = dict(device=harness.device_name(device), op=cfg.op, n_train=n_train, n_test=len(data["y_test"]),
-                  flops_per_epoch=common.transformer_flops(n_train * n_ctx, cfg.n_layers, cfg.d_model, cfg.d_mlp,
-                                                           cfg.n_heads, cfg.d_head, n_ctx, n_out, n_train))
+                  flops_per_epoch=flops)
     record = harness.RunRecord(run, cfg, header, title=title)
 
     # 1. weak FNN (exp_modular's), stopped at transfer_at test accuracy; its embedding is A
@@ -347,10 +353,12 @@ def main(argv=None):
         n = min(cfg.probe_size, n_train)
         tracker = common.Tracker(model, data["x_train"][:n], data["y_train"][:n], cfg.track, cfg.track_every,
                                  n_out) if cfg.track else None
-        betas = (cfg.beta1, cfg.grokfast_beta2 if phase == "grokfast" and cfg.grokfast_beta2 is not None else cfg.beta2)
+        grokfast = phase == "grokfast"
+        beta2 = cfg.grokfast_beta2 if grokfast and cfg.grokfast_beta2 is not None else cfg.beta2
         hist = common.train(model, data, epochs=cfg.epochs, lr=lr, wd=wd, stop_at=cfg.stop_at, desc=phase,
-                            ckpt=record.checkpoint(phase), tracker=tracker, **dict(train_kw, betas=betas),
-                            grad_filter=GrokFast(cfg.grokfast_alpha, cfg.grokfast_lamb) if phase == "grokfast" else None)
+                            ckpt=record.checkpoint(phase), tracker=tracker,
+                            **dict(train_kw, betas=(cfg.beta1, beta2)),
+                            grad_filter=GrokFast(cfg.grokfast_alpha, cfg.grokfast_lamb) if grokfast else None)
         record.phase_done(phase, hist, model)
 
     record.summary["table1"] = table1(record.summary, header["device"])

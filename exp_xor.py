@@ -13,7 +13,7 @@ The default run, in order, on one training set (n = 400, p = 80000, eps = 0.05) 
                    fixed, v_j ~ Unif{±0.4}^3, GD on V with lr 2, wd 0 (Theorem 3.2, Fig 9): train and
                    test accuracy after one step, then over training.
 Studies (not in the default run; they train many weak models):
-  --study norm_ratio   r_W against p (n = 1000) and against n (p = 8e4), eps in {1/40, 1/80, 1/160} (Fig 5b, 5c)
+  --study norm_ratio   r_W against p (n = 1000) and n (p = 8e4), eps in {1/40, 1/80, 1/160} (Fig 5b, 5c)
   --study weak_width   weak models with 1, 2 (and 3) neurons and the target on each (Fig 10, 11)
 
 The wide scratch model is trained in its exact data-span form: under gradient descent with weight
@@ -96,7 +96,7 @@ class Config:
     ratio_n: int = 1000  # Fig 5b: training points
     ratio_ns: list[int] = field(default_factory=lambda: [400, 800, 1600, 3200])  # Fig 5c, p = ratio_p
     ratio_p: int = 80_000  # Fig 5c: input dimension
-    ratio_eps: list[float] = field(default_factory=lambda: [1 / 40, 1 / 80, 1 / 160])  # noise levels of Fig 5b/5c
+    ratio_eps: list[float] = field(default_factory=lambda: [1 / 40, 1 / 80, 1 / 160])  # Fig 5b/5c's noise
     weak_widths: list[int] = field(default_factory=lambda: [1, 2, 3])  # --study weak_width
     # --- runtime
     eval_every: int = 1  # evaluations are cheap here; Time Gap resolution in epochs
@@ -106,13 +106,14 @@ class Config:
     name: str = ""
     out: str = ""
     quiet: bool = False
-    ckpt_every: int = 1000  # checkpoint every N epochs (and at the end of each phase) in the run directory; 0 = ends only
-    resume: bool = False  # continue the run in --out/--name from its checkpoints (finished phases are skipped)
+    ckpt_every: int = 1000  # checkpoint every N epochs and at each phase's end; 0 = ends only
+    resume: bool = False  # continue the run in --out/--name from its checkpoints (finished phases are read)
 
 
 def check(cfg: Config):
-    for key in ("p", "n", "n_test", "scratch_width", "weak_width", "target_width", "scratch_epochs", "weak_epochs",
-                "target_epochs", "eval_every", "weak_eval_every", "seeds", "ratio_n", "ratio_p"):
+    for key in ("p", "n", "n_test", "scratch_width", "weak_width", "target_width", "scratch_epochs",
+                "weak_epochs", "target_epochs", "eval_every", "weak_eval_every", "seeds", "ratio_n",
+                "ratio_p"):
         if getattr(cfg, key) <= 0:
             raise ConfigError(f"{key} must be positive, got {getattr(cfg, key)}")
     if cfg.p < 3:
@@ -134,7 +135,7 @@ def check(cfg: Config):
         raise ConfigError(f"ratio_ps must all be >= 3, got {cfg.ratio_ps}")
     n_points = max(cfg.n, cfg.ratio_n, *cfg.ratio_ns) + cfg.n_test  # data (n, p); the wide network (p, m)
     p_max = max(cfg.p, cfg.ratio_p, *cfg.ratio_ps)
-    harness.check_size(f"p = {p_max}, n = {n_points}, scratch_width = {cfg.scratch_width}, seeds = {cfg.seeds}",
+    harness.check_size(f"p = {p_max}, n = {n_points}, width = {cfg.scratch_width}, seeds = {cfg.seeds}",
                        p_max * max(cfg.scratch_width, cfg.target_width) * cfg.seeds,
                        n_points * (p_max + 2 * cfg.scratch_width) * cfg.seeds)
 
@@ -156,7 +157,8 @@ def make_data(n: int, p: int, eps: float, n_test: int, seed: int, device) -> dic
     scale = torch.full((p,), eps)
     scale[:2] = 1.0
     return dict(x_train=(train * scale).to(device), y_train=(train[:, 0] * train[:, 1]).float().to(device),
-                s_test=test.to(device), y_test=(test[:, 0] * test[:, 1]).float().to(device), scale=scale.to(device))
+                s_test=test.to(device), y_test=(test[:, 0] * test[:, 1]).float().to(device),
+                scale=scale.to(device))
 
 
 def embed_fresh(n: int, p: int, eps: float, seed: int, W: torch.Tensor, rows: int = 200):
@@ -196,7 +198,7 @@ def shrink(lr: float, wd: float, form: str) -> float:
 
 
 def two_layer_grads(H: torch.Tensor, a: torch.Tensor, y: torch.Tensor, kind: str):
-    """f = relu(H) a for pre-activations H (K, n, m); returns loss (K,), f (K, n), dL/da (K, m), dL/dH (K, n, m)."""
+    """f = relu(H) a for pre-activations H (K, n, m): loss (K,), f (K, n), dL/da (K, m), dL/dH (K, n, m)."""
     R = torch.relu(H)
     f = torch.einsum("knm,km->kn", R, a)
     loss, g = loss_and_grad(f, y, kind)
@@ -273,7 +275,7 @@ def train_scratch(cfg, data, seeds, device, ckpt=None):
 
 
 def dense_scratch_step(W, a, X, y, lr, wd, form, loss):
-    """The wide model in plain form, one GD step (for the tests and for copying): returns new W (K, p, m), a."""
+    """The wide model in plain form, one GD step (for the tests and for copying): the new W (K, p, m), a."""
     H = torch.matmul(X, W)
     _, _, ga, gH = two_layer_grads(H, a, y, loss)
     s = shrink(lr, wd, form)
@@ -282,7 +284,8 @@ def dense_scratch_step(W, a, X, y, lr, wd, form, loss):
 
 def forward_on_test(data, W, a):
     """f on the test sample for dense first layers W (K, p, m), chunked."""
-    return torch.cat([torch.einsum("knm,km->kn", torch.relu(torch.matmul(xs, W)), a) for _, xs in chunks_of_test(data)], 1)
+    return torch.cat([torch.einsum("knm,km->kn", torch.relu(torch.matmul(xs, W)), a)
+                      for _, xs in chunks_of_test(data)], 1)
 
 
 def train_weak(cfg, data, seeds, width, device, quiet=None, ckpt=None):
@@ -310,8 +313,9 @@ def train_weak(cfg, data, seeds, width, device, quiet=None, ckpt=None):
         return metrics_row(loss, f, y, loss_and_grad(f_t, data["y_test"], cfg.loss)[0], f_t, data["y_test"],
                            torch.sqrt(W.pow(2).sum((1, 2)) + a.pow(2).sum(1)))
 
-    hist = common.train(state, data, epochs=cfg.weak_epochs, eval_every=cfg.weak_eval_every, desc=f"weak-{width}",
-                        quiet=cfg.quiet if quiet is None else quiet, ckpt=ckpt, step=step, evaluate_fn=evaluate)
+    hist = common.train(state, data, epochs=cfg.weak_epochs, eval_every=cfg.weak_eval_every,
+                        desc=f"weak-{width}", quiet=cfg.quiet if quiet is None else quiet, ckpt=ckpt,
+                        step=step, evaluate_fn=evaluate)
     return hist, state["W"], state["a"]
 
 
@@ -352,7 +356,8 @@ def train_target(cfg, data, U, seeds, device, ckpt=None):
         _, _, ga, gH = two_layer_grads(H, state["a"], y, cfg.loss)
         gV = torch.matmul(E.transpose(1, 2), gH)
         if cfg.train_U:  # dL/dU = X^T (gH V^T)
-            state["U"] = s * state["U"] - cfg.target_lr * torch.matmul(X.T, torch.matmul(gH, state["V"].transpose(1, 2)))
+            gU = torch.matmul(X.T, torch.matmul(gH, state["V"].transpose(1, 2)))
+            state["U"] = s * state["U"] - cfg.target_lr * gU
         if cfg.train_a:
             state["a"] = s * state["a"] - cfg.target_lr * ga
         state["V"] = s * state["V"] - cfg.target_lr * gV
@@ -361,8 +366,11 @@ def train_target(cfg, data, U, seeds, device, ckpt=None):
         E = torch.matmul(X, state["U"]) if cfg.train_U else fixed["E"]
         loss, f, _, _ = two_layer_grads(torch.matmul(E, state["V"]), state["a"], y, cfg.loss)
         f_t = torch.einsum("knm,km->kn", torch.relu(torch.matmul(embedded_test(), state["V"])), state["a"])
-        norm = state["V"].pow(2).sum((1, 2)) + state["a"].pow(2).sum(1) + (state["U"].pow(2).sum((1, 2)) if cfg.train_U else 0)
-        return metrics_row(loss, f, y, loss_and_grad(f_t, data["y_test"], cfg.loss)[0], f_t, data["y_test"], norm.sqrt())
+        norm = state["V"].pow(2).sum((1, 2)) + state["a"].pow(2).sum(1)
+        if cfg.train_U:
+            norm = norm + state["U"].pow(2).sum((1, 2))
+        test_loss = loss_and_grad(f_t, data["y_test"], cfg.loss)[0]
+        return metrics_row(loss, f, y, test_loss, f_t, data["y_test"], norm.sqrt())
 
     return common.train(state, data, epochs=cfg.target_epochs, eval_every=cfg.eval_every, desc="groktransfer",
                         quiet=cfg.quiet, ckpt=ckpt, step=step, evaluate_fn=evaluate)
@@ -374,7 +382,8 @@ FEATURES = torch.tensor([[1.0, 1.0], [1.0, -1.0], [-1.0, 1.0], [-1.0, -1.0]])  #
 def norm_ratio(W: torch.Tensor) -> torch.Tensor:
     """r_W = (||W[2:]||_F / sqrt(p-2)) / (||W[:2]||_F / sqrt(2)) for first layers W (K, p, r) -> (K,)."""
     p = W.shape[-2]
-    return (W[..., 2:, :].norm(dim=(-2, -1)) / math.sqrt(p - 2)) / (W[..., :2, :].norm(dim=(-2, -1)) / math.sqrt(2))
+    rest, signal = W[..., 2:, :].norm(dim=(-2, -1)), W[..., :2, :].norm(dim=(-2, -1))
+    return (rest / math.sqrt(p - 2)) / (signal / math.sqrt(2))
 
 
 def neuron_features(W: torch.Tensor) -> list[dict]:
@@ -385,7 +394,8 @@ def neuron_features(W: torch.Tensor) -> list[dict]:
         w = W[:, j].double().cpu()
         cos2 = (FEATURES.double() @ w[:2]) / (math.sqrt(2) * w[:2].norm())
         best = int(cos2.argmax())
-        out.append(dict(feature=[int(v) for v in FEATURES[best]], cosine_first_two=round(float(cos2[best]), 4),
+        out.append(dict(feature=[int(v) for v in FEATURES[best]],
+                        cosine_first_two=round(float(cos2[best]), 4),
                         cosine_full=round(float(cos2[best] * w[:2].norm() / w.norm()), 4),
                         rest_over_signal_norm=round(float(w[2:].norm() / w[:2].norm()), 4)))
     return out
@@ -413,7 +423,8 @@ def plot_neurons(W: torch.Tensor, test_acc: float, path: Path):
     ax.axvline(0, color="0.8", lw=0.8)
     ax.set_xlabel("coordinate 1")
     ax.set_ylabel("coordinate 2")
-    ax.set_title(f"weak neurons, first two coordinates\n(x = the features [±1, ±1]; test acc {test_acc:.3f})", fontsize=9)
+    ax.set_title(f"weak neurons, first two coordinates\n"
+                 f"(x = the features [±1, ±1]; test acc {test_acc:.3f})", fontsize=9)
     first, rest = W[:2].norm(dim=0), W[2:].norm(dim=0)
     idx = np.arange(W.shape[1])
     bx.bar(idx - 0.2, first, 0.4, label="||w[1:2]||")
@@ -463,7 +474,8 @@ def new_summary(cfg, device):
 
 @harness.script
 def main(argv=None):
-    cfg = harness.config_or_exit(Config(), argv, {"study": STUDIES, "loss": LOSSES, "wd_form": WD_FORMS}, check)
+    choices = {"study": STUDIES, "loss": LOSSES, "wd_form": WD_FORMS}
+    cfg = harness.config_or_exit(Config(), argv, choices, check)
     run = harness.open_run(cfg, "xor")
     device = harness.pick_device(cfg.device)
     harness.set_seed(cfg.seed)
@@ -495,7 +507,8 @@ def main(argv=None):
     one = dict(one_step_train_acc=[float(v) for v in hist["metrics"][at1, :, common.TRAIN_ACC]],
                one_step_test_acc=[float(v) for v in hist["metrics"][at1, :, common.TEST_ACC]])
     record.phase_done("groktransfer", hist, extra=one)
-    print(f"[groktransfer] after one GD step: train acc {one['one_step_train_acc']}  test acc {one['one_step_test_acc']}")
+    print(f"[groktransfer] after one GD step: train acc {one['one_step_train_acc']}  "
+          f"test acc {one['one_step_test_acc']}")
 
     record.summary.update(peak_memory(device))
     harness.save_json(record.summary, run / "summary.json")
@@ -512,8 +525,8 @@ def study_norm_ratio(cfg, run, seeds, device):
     settings += [("vs_n", cfg.ratio_p, n, e) for e in cfg.ratio_eps for n in cfg.ratio_ns]
     for i, (which, p, n, eps) in enumerate(settings):
         data = make_data(n, p, eps, cfg.n_test, cfg.data_seed, device)
-        hist, W, _ = train_weak(dataclasses.replace(cfg, weak_eval_every=max(1, cfg.weak_epochs // 10)), data, seeds,
-                                cfg.weak_width, device, quiet=True)  # r_W needs the final W only: evaluate rarely
+        rarely = dataclasses.replace(cfg, weak_eval_every=max(1, cfg.weak_epochs // 10))  # r_W: final W only
+        hist, W, _ = train_weak(rarely, data, seeds, cfg.weak_width, device, quiet=True)
         r = norm_ratio(W).cpu().numpy()
         row = dict(p=p, n=n, eps=eps, r_W=float(r.mean()), r_W_members=r.tolist(),
                    test_acc=float(hist["metrics"][-1, :, common.TEST_ACC].mean()))
@@ -529,7 +542,8 @@ def study_norm_ratio(cfg, run, seeds, device):
             x, yv = np.array([r[key] for r in pts], float), np.array([r["r_W"] for r in pts])
             slope = float(np.polyfit(np.log(x), np.log(yv), 1)[0]) if len(x) > 1 else None
             slopes[f"{which}_eps_{eps:.6g}"] = slope
-            ax.plot(x, yv, "o-", color=f"C{j}", label=f"eps = 1/{1 / eps:.0f}, slope {slope:.2f}" if slope is not None else f"eps {eps}")
+            label = f"eps = 1/{1 / eps:.0f}, slope {slope:.2f}" if slope is not None else f"eps {eps}"
+            ax.plot(x, yv, "o-", color=f"C{j}", label=label)
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel(key)
@@ -556,7 +570,8 @@ def study_weak_width(cfg, run, seeds, device):
         plot_neurons(W[0], float(hist["metrics"][-1, 0, common.TEST_ACC]), run / f"neurons_{width}.png")
         record.phase_done(f"target-{width}", train_target(cfg, data, transfer(W), seeds, device,
                                                         record.checkpoint(f"target-{width}")))
-    png = plots.plot_dynamics(run, title=f"weak widths {cfg.weak_widths}: weak model, then the target on its embedding")
+    title = f"weak widths {cfg.weak_widths}: weak model, then the target on its embedding"
+    png = plots.plot_dynamics(run, title=title)
     print(f"wrote {run / 'summary.json'} and {png}")
     return run
 

@@ -146,7 +146,8 @@ def result(stage: str, target: Path | None, log_path: Path) -> str:
             return "; ".join(r["phase"] + (" not reached" if r["ms"] is None else f" {r['ms'] / 1e3:.1f}s")
                              for r in summary["table1"])
         return "; ".join(f"{phase} final test acc {s['final_test_acc_mean']:.3f}"
-                         for phase, s in summary["phases"].items() if s.get("final_test_acc_mean") is not None)
+                         for phase, s in summary["phases"].items()
+                         if s.get("final_test_acc_mean") is not None)
     return "no results yet"
 
 

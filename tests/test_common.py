@@ -107,8 +107,9 @@ def test_factored_embedding_equals_dense_product_and_trains_both_factors():
     emb = common.factored_embedding(weak, vocab=7, d_target=5, init_scales=[1.0, 0.5], seeds=[1, 2])
     table = emb.table()  # (2, 7, 5)
     for k in range(2):
-        dense = torch.tensor([[sum(float(emb.A[k, i, r].detach()) * float(emb.B[k, r, j].detach()) for r in range(3))
-                               for j in range(5)] for i in range(7)])
+        A, B = emb.A[k].detach(), emb.B[k].detach()
+        dense = torch.tensor([[sum(float(A[i, r]) * float(B[r, j]) for r in range(3)) for j in range(5)]
+                              for i in range(7)])
         torch.testing.assert_close(table[k], dense, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(emb.A[k], weak)  # A starts as the weak embedding, unscaled
     x = torch.randn(4, 7)
@@ -128,7 +129,8 @@ def test_factored_embedding_shape_errors():
 
 
 def test_token_mlp_matches_a_plain_torch_forward():
-    model = common.token_mlp(vocab=11, n_tokens=2, d_embed=3, widths=[8, 6], n_out=11, init_scales=[1.0, 0.2], seeds=[3, 4])
+    model = common.token_mlp(vocab=11, n_tokens=2, d_embed=3, widths=[8, 6], n_out=11,
+                             init_scales=[1.0, 0.2], seeds=[3, 4])
     x = torch.randint(0, 11, (20, 2))
     out = model(x)  # (2, 20, 11)
     for k in range(2):
@@ -155,8 +157,10 @@ def test_adamw_matches_torch_adamw():
     ours = torch.nn.Parameter(w0.clone())
     refs = [torch.nn.Parameter(w0[k].clone()) for k in range(2)]
     opt = common.AdamW([ours], lr=[1e-2, 3e-3], wd=[1.0, 0.1], betas=(0.9, 0.98), eps=1e-8)
-    ref_opts = [torch.optim.AdamW([refs[0]], lr=1e-2, weight_decay=1.0, betas=(0.9, 0.98), eps=1e-8, foreach=False),
-                torch.optim.AdamW([refs[1]], lr=3e-3, weight_decay=0.1, betas=(0.9, 0.98), eps=1e-8, foreach=False)]
+    ref_opts = [torch.optim.AdamW([refs[0]], lr=1e-2, weight_decay=1.0, betas=(0.9, 0.98), eps=1e-8,
+                                  foreach=False),
+                torch.optim.AdamW([refs[1]], lr=3e-3, weight_decay=0.1, betas=(0.9, 0.98), eps=1e-8,
+                                  foreach=False)]
     for step in range(20):
         target = torch.randn(5, 4)
         ours.grad = None
@@ -307,20 +311,27 @@ def test_summary_and_metrics_round_trip(tmp_path):
     s = common.summarize(h)
     assert len(s["members"]) == 2 and s["members"][1]["epochs"] == 20
     accs = [m["final_test_acc"] for m in s["members"]]
-    assert s["final_test_acc_mean"] == pytest.approx(np.mean(accs)) and s["final_test_acc_std"] == pytest.approx(np.std(accs))
-    torch.testing.assert_close(torch.tensor(h["metrics"][-1, :, 4]), common.weight_norm(model), rtol=1e-5, atol=1e-6)
+    assert s["final_test_acc_mean"] == pytest.approx(np.mean(accs))
+    assert s["final_test_acc_std"] == pytest.approx(np.std(accs))
+    torch.testing.assert_close(torch.tensor(h["metrics"][-1, :, 4]), common.weight_norm(model),
+                               rtol=1e-5, atol=1e-6)
     png = plots.plot_dynamics(tmp_path)
     assert png.stat().st_size > 10_000
 
 
 def test_summarize_members_gives_the_seed_band_and_counts_never_reached_as_zero_inverse_gap():
     runs = [(10, 1.0, 40, 50), (30, 0.99, 20, 50), (None, 0.2, 30, None), (50, 1.0, 10, 60)]
-    members = [dict(time_gap=g, inverse_time_gap=common.inverse_time_gap(g), final_train_acc=1.0, final_test_acc=a,
-                    first_epoch_train_95=tr, first_epoch_test_95=te, epochs=100, wall_s=1.0) for g, a, tr, te in runs]
+    members = [dict(time_gap=g, inverse_time_gap=common.inverse_time_gap(g), final_train_acc=1.0,
+                    final_test_acc=a,
+                    first_epoch_train_95=tr, first_epoch_test_95=te,
+                    epochs=100, wall_s=1.0) for g, a, tr, te in runs]
     s = common.summarize_members(members)
-    assert s["time_gap_mean"] == 30 and s["n_reached_train_and_test_95"] == 3 and s["fraction_reached_test_95"] == 0.75
+    assert s["time_gap_mean"] == 30
+    assert s["n_reached_train_and_test_95"] == 3
+    assert s["fraction_reached_test_95"] == 0.75
     assert (s["time_gap_median"], s["time_gap_min"], s["time_gap_max"]) == (30, 10, 50)
-    assert (s["first_epoch_train_95_median"], s["first_epoch_test_95_min"]) == (25, 50)  # median of an even count
+    # median of an even count
+    assert (s["first_epoch_train_95_median"], s["first_epoch_test_95_min"]) == (25, 50)
     assert s["inverse_time_gap_mean"] == pytest.approx((1 / 10 + 1 / 30 + 0 + 1 / 50) / 4)
 
 
@@ -370,8 +381,9 @@ def test_grid_points_and_shards():
     assert [p["point"] for p in points] == list(range(1152))
     assert (points[0]["init_scale"], points[0]["lr"], points[0]["wd"]) == (0.05, 1e-4, 1e-4)
     assert (points[1]["wd"], points[9]["lr"], points[72]["init_scale"]) == (1e-3, 5e-4, 0.1)  # wd fastest
+    grid = harness.PAPER_GRID
     assert {(p["init_scale"], p["lr"], p["wd"]) for p in points} == {
-        (c, l, w) for c in harness.PAPER_GRID["init_scales"] for l in harness.PAPER_GRID["lrs"] for w in harness.PAPER_GRID["wds"]}
+        (c, l, w) for c in grid["init_scales"] for l in grid["lrs"] for w in grid["wds"]}
     assert harness.parse_shard("") == (0, 1) and harness.parse_shard("2/5") == (2, 5)
     for bad in ("5/5", "-1/3", "1", "a/b", "1/0"):
         with pytest.raises(ConfigError, match="shard"):
@@ -424,7 +436,8 @@ def test_grid_marks_diverged_points_and_keeps_the_others_running():
     # the same points trained one at a time give the same table
     alone, _ = _tiny_grid(members=1)
     for r, s in zip(rows, alone):
-        assert (r["status"], r["first_epoch_test_90"], r["epochs_run"]) == (s["status"], s["first_epoch_test_90"], s["epochs_run"])
+        assert (r["status"], r["first_epoch_test_90"],
+                r["epochs_run"]) == (s["status"], s["first_epoch_test_90"], s["epochs_run"])
 
 
 def test_best_point_grid_csv_round_trip_and_heatmap(tmp_path):
@@ -443,15 +456,18 @@ def test_best_point_grid_csv_round_trip_and_heatmap(tmp_path):
 
 def test_best_point_breaks_ties_by_test_loss_then_point():
     base = dict(init_scale=1.0, lr=1e-3, wd=1.0, first_epoch_test_99=50, first_epoch_train_95=10,
-                first_epoch_test_95=40, time_gap=30, final_train_acc=1.0, final_test_acc=0.99, epochs_run=50, status="reached")
+                first_epoch_test_95=40, time_gap=30, final_train_acc=1.0, final_test_acc=0.99, epochs_run=50,
+                status="reached")
     rows = [dict(base, point=0, final_test_loss=0.3), dict(base, point=1, final_test_loss=0.1),
-            dict(base, point=2, final_test_loss=0.1), dict(base, point=3, final_test_loss=0.0, first_epoch_test_99=60)]
+            dict(base, point=2, final_test_loss=0.1),
+            dict(base, point=3, final_test_loss=0.0, first_epoch_test_99=60)]
     assert harness.best_point(rows)["point"] == 1
 
 
 def test_exactly_95_percent_counts_the_same_from_memory_and_from_metrics_csv(tmp_path):
     acc = np.array([0.5, 190 / 200, 1.0], dtype=np.float32)  # float32 0.95 is 0.94999998...
-    h = dict(epochs=np.array([0, 10, 20]), metrics=np.stack([np.stack([[1, a, 1, a, 1]]) for a in acc]).astype(np.float32))
+    h = dict(epochs=np.array([0, 10, 20]),
+             metrics=np.stack([np.stack([[1, a, 1, a, 1]]) for a in acc]).astype(np.float32))
     write_metrics(tmp_path / "metrics.csv", harness.history_rows("x", h))
     back = harness.read_metrics(tmp_path / "metrics.csv")["x"]["metrics"][:, 0, 1]  # float64 from text
     assert common.first_epoch(h["epochs"], acc, 0.95) == common.first_epoch(h["epochs"], back, 0.95) == 10
@@ -498,7 +514,8 @@ def test_bf16_phase_trains_like_float32():
     final = {}
     for precision in ("float32", "bf16"):
         model = common.token_mlp(23, 2, 8, [32], 23, 1.0, [0])
-        h = common.train(model, data, epochs=100, lr=1e-2, wd=0.1, eval_every=10, quiet=True, precision=precision)
+        h = common.train(model, data, epochs=100, lr=1e-2, wd=0.1, eval_every=10, quiet=True,
+                         precision=precision)
         final[precision] = h["metrics"][-1, 0]
         assert all(p.dtype == torch.float32 for p in model.parameters())
     assert final["bf16"][common.TRAIN_ACC] > 0.9  # with the cache: 7% (the loss stays near log 23)

@@ -114,13 +114,15 @@ class Forked:
 
 
 @pytest.mark.parametrize("key, value, words", [
-    ("learning_rate", 0.0, "learning_rate must be positive"), ("slow_rate", -1.0, "slow_rate must be positive"),
+    ("learning_rate", 0.0, "learning_rate must be positive"),
+    ("slow_rate", -1.0, "slow_rate must be positive"),
     ("decay", -0.5, "decay must be >= 0"), ("ckpt_every", -1, "ckpt_every must be >= 0"),
 ])
 def test_value_checks_follow_the_field_role_not_only_its_name(key, value, words):
     with pytest.raises(ConfigError, match=words):
         harness.check_values(dataclasses.replace(Forked(), **{key: value}))
-    harness.check_values(Forked(alpha_lr_power=-1.0))  # named like a learning rate by neither name nor comment
+    # named like a learning rate by neither name nor comment
+    harness.check_values(Forked(alpha_lr_power=-1.0))
 
 
 def test_help_keeps_a_section_header_whole_and_lists_choices_once(monkeypatch, capsys):
@@ -136,10 +138,12 @@ def test_help_keeps_a_section_header_whole_and_lists_choices_once(monkeypatch, c
 def test_harness_plot_redraws_a_run_and_refuses_a_directory_without_metrics(tmp_path):
     import exp_modular
     run = tmp_path / "run"
-    exp_modular.main(["--config", str(ROOT / "configs/smoke/modular.yaml"), "--phases", "scratch", "--epochs", "20",
+    exp_modular.main(["--config", str(ROOT / "configs/smoke/modular.yaml"), "--phases", "scratch",
+                      "--epochs", "20",
                       "--quiet", "--out", str(run)])
     (run / "dynamics.png").unlink()
-    r = subprocess.run([sys.executable, str(ROOT / "harness.py"), "plot", str(run)], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, str(ROOT / "harness.py"), "plot", str(run)],
+                       capture_output=True, text=True)
     assert r.returncode == 0 and (run / "dynamics.png").stat().st_size > 10_000, r.stderr
     r = subprocess.run([sys.executable, str(ROOT / "harness.py"), "plot", str(tmp_path)], capture_output=True,
                        text=True)
@@ -170,4 +174,11 @@ def test_files_a_run_reads_are_refused_in_one_line(tmp_path, monkeypatch, capsys
             exp_modular.main(argv)
         err = capsys.readouterr().err
         assert e.value.code == 2 and err.count("\n") == 1 and words in err, err
-    assert not (tmp_path / "runs").exists() and sorted(p.name for p in run.iterdir()) == [".lock", "config.yaml"]
+    assert not (tmp_path / "runs").exists()
+    assert sorted(p.name for p in run.iterdir()) == [".lock", "config.yaml"]
+
+
+def test_every_line_of_the_code_and_tests_fits_in_110_characters():
+    long = [f"{p.relative_to(ROOT)}:{i}" for p in [*ROOT.glob("*.py"), *ROOT.glob("tests/*.py")]
+            for i, line in enumerate(p.read_text().splitlines(), 1) if len(line) > 110]
+    assert not long, long

@@ -27,7 +27,8 @@ def _data(p=23, n_train=300):
 
 
 def _transformer(seeds=(0,)):
-    return common.transformer(23, 2, 23, n_layers=1, d_model=32, d_mlp=64, n_heads=2, d_head=16, init_scales=1.0,
+    return common.transformer(23, 2, 23, n_layers=1, d_model=32, d_mlp=64, n_heads=2, d_head=16,
+                              init_scales=1.0,
                               seeds=list(seeds)).to(DEV)
 
 
@@ -46,7 +47,8 @@ def test_k_members_on_cuda_train_like_each_alone():
 @pytest.mark.parametrize("precision", ["tf32", "bf16"])
 def test_reduced_precision_phases_train_and_keep_float32_weights(precision):
     model = _transformer()
-    h = common.train(model, _data(), epochs=60, lr=3e-3, wd=0.1, eval_every=10, quiet=True, precision=precision)
+    h = common.train(model, _data(), epochs=60, lr=3e-3, wd=0.1, eval_every=10, quiet=True,
+                     precision=precision)
     m = h["metrics"][:, 0]
     assert np.isfinite(m).all() and m[-1, common.TRAIN_LOSS] < 0.8 * m[0, common.TRAIN_LOSS]
     assert all(p.dtype == torch.float32 for p in model.parameters())  # bf16 is autocast, not bf16 weights
@@ -74,14 +76,16 @@ def test_deterministic_runs_repeat_bit_for_bit():
 
 
 def test_compute_time_is_synchronised_and_excludes_evaluation():
-    h = common.train(_transformer(seeds=range(4)), _data(), epochs=40, lr=3e-3, wd=0.1, eval_every=10, quiet=True)
+    h = common.train(_transformer(seeds=range(4)), _data(), epochs=40, lr=3e-3, wd=0.1,
+                     eval_every=10, quiet=True)
     c = np.asarray(h["compute_s"])
     assert len(c) == len(h["epochs"]) and np.all(np.diff(c) >= 0) and 0 < c[-1] <= h["wall_s"]
 
 
 def test_modular_smoke_run_on_cuda_names_the_gpu(tmp_path):
     out = tmp_path / "run"
-    r = subprocess.run([sys.executable, str(ROOT / "exp_modular.py"), "--config", str(ROOT / "configs/smoke/modular.yaml"),
+    r = subprocess.run([sys.executable, str(ROOT / "exp_modular.py"), "--config",
+                        str(ROOT / "configs/smoke/modular.yaml"),
                         "--device", "cuda", "--out", str(out)], capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     s = json.loads((out / "summary.json").read_text())

@@ -11,7 +11,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_three_repeats_under_the_default_threads_write_identical_metrics(tmp_path):
-    args = ["--config", str(ROOT / "configs/smoke/modular.yaml"), "--p", "61", "--d_embed", "128", "--width", "64",
+    args = ["--config", str(ROOT / "configs/smoke/modular.yaml"), "--p", "61", "--d_embed", "128", "--width",
+            "64",
             "--weak_epochs", "20", "--epochs", "20", "--phases", "weak,groktransfer", "--quiet"]
     digests = []
     for i in range(3):

@@ -1,6 +1,7 @@
 """Bad input, every script and bench.py (gpu_check.py's: test_gpu_check.py): exit 2, one line naming the
 problem, nothing written. The matrix runs in-process (main(argv) is what `python exp_X.py ...` runs); one
-subprocess per script checks the __main__ wiring. Also: --help everywhere, and every shipped config is accepted by its script."""
+subprocess per script checks the __main__ wiring. Also: --help everywhere, and every shipped config is
+accepted by its script."""
 import importlib
 import subprocess
 import sys
@@ -17,7 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ("modular", "modular_studies", "xor", "parity", "transformer", "mnist")
 SMOKE = {s: ROOT / "configs" / "smoke" / f"{s}.yaml" for s in SCRIPTS}
 # per script: a learning rate, a weight decay and an epoch count of its config
-KEYS = {"modular": ("gt_lr", "scratch_wd", "epochs"), "modular_studies": ("oinfo_lr", "weak_wd", "epochs"), "xor": ("target_lr", "scratch_wd", "scratch_epochs"),
+KEYS = {"modular": ("gt_lr", "scratch_wd", "epochs"), "modular_studies": ("oinfo_lr", "weak_wd", "epochs"),
+        "xor": ("target_lr", "scratch_wd", "scratch_epochs"),
         "parity": ("gt_lr", "scratch_wd", "epochs"), "transformer": ("gt_lr", "scratch_wd", "epochs"),
         "mnist": ("gt_lr", "scratch_wd", "epochs")}
 
@@ -59,13 +61,16 @@ PER_SCRIPT = {
                 "p 0": (["--p", "0"], "p must be >= 2"), "p too large": (["--p", "400000"], "GiB of memory"),
                 "width 0": (["--width", "0"], "width must be positive"),
                 "track": (["--track", "ntk,loss"], "track must be a subset of"),
-                "track_every": (["--track", "ntk", "--track_every", "15"], "must be a multiple of eval_every"),
+                "track_every": (["--track", "ntk", "--track_every", "15"],
+                                "must be a multiple of eval_every"),
                 "study": (["--study", "embeddings"], "unknown config key 'study'"),
                 "track oinfo": (["--track", "oinfo"], "track must be a subset of ntk, cka"),
                 "shard": (["--grid", "--shard", "3/2"], "shard i/n needs 0 <= i < n")},
     "modular_studies": {"study": (["--study", "everything"], "'study' must be one of"),
-                        "embeddings": (["--study", "embeddings", "--embeddings", "onehot,gpt"], "embeddings must be"),
-                        "merge_at": (["--study", "low_rank", "--merge_at", "500"], "merge_at (500) must be below"),
+                        "embeddings": (["--study", "embeddings", "--embeddings", "onehot,gpt"],
+                                       "embeddings must be"),
+                        "merge_at": (["--study", "low_rank", "--merge_at", "500"],
+                                     "merge_at (500) must be below"),
                         "snapshots": (["--study", "weak_epochs", "--weak_snapshots", "0,100"],
                                       "weak_snapshots must be"),
                         "track oinfo": (["--track", "oinfo"], "track 'oinfo' is for --study oinfo"),
@@ -81,7 +86,8 @@ PER_SCRIPT = {
                "transfer_at": (["--transfer_at", "0"], "transfer_at must be in (0, 1]"),
                "phases": (["--phases", "groktransfer"], "needs the 'weak' phase"),
                "n": (["--n", "0"], "n must be positive")},
-    "transformer": {"parity phases": (["--op", "parity", "--phases", "weak,groktransfer"], "scratch and grokfast only"),
+    "transformer": {"parity phases": (["--op", "parity", "--phases", "weak,groktransfer"],
+                                      "scratch and grokfast only"),
                     "phases": (["--phases", "groktransfer"], "needs the 'weak' phase"),
                     "grokfast_alpha": (["--grokfast_alpha", "1.5"], "grokfast_alpha must be in [0, 1)"),
                     "grokfast_beta2": (["--grokfast_beta2", "1.0"], "grokfast_beta2 must be in [0, 1)"),
@@ -137,9 +143,11 @@ def test_mnist_files_whose_labels_do_not_fit_are_refused(tmp_path, monkeypatch, 
     assert not (tmp_path / "run").exists()
 
 
-BENCH = {"precision": (["--precisions", "fp8"], "precisions must be"), "p 1": (["--p", "1"], "p must be >= 2"),
+BENCH = {"precision": (["--precisions", "fp8"], "precisions must be"),
+         "p 1": (["--p", "1"], "p must be >= 2"),
          "train_frac 0": (["--train_frac", "0"], "train_frac must leave non-empty"),
-         "lr nan": (["--lr", "nan"], "'lr' must be a finite number"), "out is a directory": (None, "is a directory"),
+         "lr nan": (["--lr", "nan"], "'lr' must be a finite number"),
+         "out is a directory": (None, "is a directory"),
          "workload": (["--workload", "cnn"], "'workload' must be one of")}
 
 
@@ -163,7 +171,8 @@ def test_help_lists_every_field_with_its_default_and_comment(tmp_path, monkeypat
     for f in dataclasses.fields(module.Config):
         line = next((ln for ln in lines if ln.split()[:1] == [f"--{f.name}"]), None)
         assert line is not None, f.name
-        assert len(line.split()) >= 3 or f.name in ("weak_embedding", "shard", "merge", "name", "out", "support",
+        assert len(line.split()) >= 3 or f.name in ("weak_embedding", "shard", "merge", "name", "out",
+                                                    "support",
                                                    "track"), line  # a default (or empty) and a text
     assert "--seed" in captured.out or script in ("bench", "gpu_check")
     assert "Usage" in captured.out  # the script's docstring comes first
@@ -193,8 +202,8 @@ CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
 def test_every_shipped_config_is_accepted_by_its_script(path):
     """Each config parses with its script's types and passes the script's checks (nothing is run)."""
     import common
-    script = {"smoke": path.stem, "modular": "modular_studies" if path.stem.startswith("study_") else "modular",
-              "transformer": "transformer"}[path.parent.name]
+    modular = "modular_studies" if path.stem.startswith("study_") else "modular"
+    script = {"smoke": path.stem, "modular": modular, "transformer": "transformer"}[path.parent.name]
     module = importlib.import_module(f"exp_{script}")
     choices = {"precision": common.PRECISIONS, **({"op": module.OPS} if hasattr(module, "OPS") else {})}
     cfg = harness.parse_config(module.Config(), ["--config", str(path), "--device", "cpu"], choices)

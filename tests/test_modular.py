@@ -72,7 +72,8 @@ def test_resolve_fills_paper_values_per_op():
     add, mul = em.resolve(em.Config(op="add")), em.resolve(em.Config(op="mul"))
     assert (add.gt_init_scale, add.gt_lr, add.gt_wd) == (0.3, 1e-3, 1.0)
     assert (mul.gt_init_scale, mul.gt_lr, mul.gt_wd) == (0.3, 5e-3, 3.0)
-    assert (add.scratch_init_scale, add.scratch_lr, add.scratch_wd) == (0.1, 1e-2, 2.0)  # paper: lr 0.1, see SETTINGS
+    # paper: lr 0.1, see SETTINGS
+    assert (add.scratch_init_scale, add.scratch_lr, add.scratch_wd) == (0.1, 1e-2, 2.0)
     assert em.resolve(em.Config(op="mul", gt_lr=0.02)).gt_lr == 0.02  # an explicit value is kept
 
 
@@ -107,7 +108,8 @@ def test_smoke_run_writes_a_complete_run_directory(tmp_path):
     cfg = yaml.safe_load((out / "config.yaml").read_text())
     smoke = yaml.safe_load(SMOKE.read_text())
     assert cfg["p"] == smoke["p"] and cfg["gt_lr"] == smoke["gt_lr"]
-    assert cfg["gt_init_scale"] == 0.3  # left unset in the smoke config: the paper's value, resolved and saved
+    # left unset in the smoke config: the paper's value, resolved and saved
+    assert cfg["gt_init_scale"] == 0.3
 
     s = json.loads((out / "summary.json").read_text())
     assert s["device"] == "cpu" and s["n_train"] + s["n_test"] == smoke["p"] ** 2
@@ -117,7 +119,8 @@ def test_smoke_run_writes_a_complete_run_directory(tmp_path):
     for phase, band in s["phases"].items():
         ps = band["members"][0]  # one member; the band fields beside it are a band of one
         assert fields <= set(ps) and band["time_gap_median"] == ps["time_gap"], phase
-        last = harness.read_metrics(out / "metrics.csv")[phase]["metrics"][-1, 0]  # summary agrees with metrics.csv
+        # summary agrees with metrics.csv
+        last = harness.read_metrics(out / "metrics.csv")[phase]["metrics"][-1, 0]
         assert ps["final_test_acc"] == pytest.approx(float(last[common.TEST_ACC]))
         assert ps["epochs"] == (smoke["weak_epochs"] if phase == "weak" else smoke["epochs"])
     # sensible: the targets fit their training set, and the Time Gap is consistent with its epochs
@@ -170,10 +173,12 @@ def test_seeds_run_as_members_and_match_single_seed_runs(tmp_path):
         assert r.returncode == 0, r.stderr
         alone = harness.read_metrics(tmp_path / f"s{seed}" / "metrics.csv")
         for phase in ("weak", "groktransfer", "scratch"):
-            np.testing.assert_allclose(both[phase]["metrics"][:, seed], alone[phase]["metrics"][:, 0], rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(both[phase]["metrics"][:, seed], alone[phase]["metrics"][:, 0],
+                                       rtol=1e-4, atol=1e-5)
 
 
-GRID = ["--config", str(SMOKE), "--device", "cpu", "--grid", "--grid_phase", "scratch", "--grid_init_scales", "0.5",
+GRID = ["--config", str(SMOKE), "--device", "cpu", "--grid", "--grid_phase", "scratch", "--grid_init_scales",
+        "0.5",
         "--grid_lrs", "1e-2", "3e-2", "--grid_wds", "1", "3", "--grid_stop_at", "0.9", "--quiet"]
 
 
@@ -190,7 +195,9 @@ def test_grid_shards_merge_into_the_unsharded_grid(tmp_path):
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "merged" / "grid.csv").read_text() == (tmp_path / "all" / "grid.csv").read_text()
     rows = harness.read_grid(tmp_path / "all" / "grid.csv")
-    assert len(rows) == 4 and {r["status"] for r in rows} >= {"reached", "not_reached"}  # the grid discriminates
+    # the grid discriminates
+    assert len(rows) == 4
+    assert {r["status"] for r in rows} >= {"reached", "not_reached"}
     meta, merged = (json.loads((tmp_path / d / "grid.json").read_text()) for d in ("all", "merged"))
     assert meta["best"] == merged["best"] == harness.best_point(rows) and meta["n_points"] == 4
     assert (meta["phase"], meta["threshold"], meta["lrs"]) == ("scratch", 0.9, [1e-2, 3e-2])
@@ -211,20 +218,23 @@ def test_grid_shards_merge_into_the_unsharded_grid(tmp_path):
 
 
 def merge(*args):
-    return subprocess.run([sys.executable, str(ROOT / "harness.py"), "merge", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, str(ROOT / "harness.py"), "merge", *args], capture_output=True,
+                          text=True,
                           cwd=ROOT)
 
 
 def test_grid_over_groktransfer_trains_the_weak_model_first(tmp_path):
     out = tmp_path / "gt"
     r = run_script("--config", str(SMOKE), "--device", "cpu", "--grid", "--grid_init_scales", "0.3",
-                   "--grid_lrs", "1e-2", "--grid_wds", "1", "2", "--epochs", "50", "--quiet", "--out", str(out))
+                   "--grid_lrs", "1e-2", "--grid_wds", "1", "2", "--epochs", "50", "--quiet",
+                   "--out", str(out))
     assert r.returncode == 0, r.stderr
     assert (out / "embedding.pt").is_file()
     assert list(json.loads((out / "summary.json").read_text())["phases"]) == ["weak"]
     rows = harness.read_grid(out / "grid.csv")
     assert [(r["init_scale"], r["lr"], r["wd"]) for r in rows] == [(0.3, 1e-2, 1.0), (0.3, 1e-2, 2.0)]
-    assert json.loads((out / "grid.json").read_text())["weak"]["epochs"] == yaml.safe_load(SMOKE.read_text())["weak_epochs"]
+    weak_epochs = yaml.safe_load(SMOKE.read_text())["weak_epochs"]
+    assert json.loads((out / "grid.json").read_text())["weak"]["epochs"] == weak_epochs
 
 
 @pytest.mark.parametrize("args, words", [

@@ -94,7 +94,8 @@ def test_a_resume_by_an_edited_script_that_does_not_fit_shortens_nothing(run, tm
     copy.write_text(edited)
     before = files(run)
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    r = subprocess.run(cmd("--out", str(run), "--resume", script=copy), capture_output=True, text=True, cwd=ROOT,
+    r = subprocess.run(cmd("--out", str(run), "--resume", script=copy), capture_output=True, text=True,
+                       cwd=ROOT,
                        env=env)
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
     assert "ckpt_groktransfer.pt does not fit this model" in r.stderr
@@ -116,7 +117,8 @@ def test_a_full_disk_is_one_line_and_keeps_what_was_written(tmp_path, monkeypatc
 
     monkeypatch.setattr(os, "replace", replace)
     with pytest.raises(SystemExit) as e:
-        exp_modular.main(["--config", str(SMOKE), "--ckpt_every", "50", "--quiet", "--out", str(tmp_path / "r")])
+        exp_modular.main(["--config", str(SMOKE), "--ckpt_every", "50", "--quiet", "--out",
+                          str(tmp_path / "r")])
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1 and "No space left on device" in err, err
     assert "I/O error on " + str(tmp_path / "r" / "ckpt_groktransfer.pt") in err and "resume:" in err
@@ -152,7 +154,8 @@ def test_sighup_saves_and_exits_like_sigterm(tmp_path):
     import signal
     import time
     run = tmp_path / "run"
-    p = subprocess.Popen(cmd("--epochs", "100000", "--phases", "scratch", "--out", str(run)), stdout=subprocess.PIPE,
+    p = subprocess.Popen(cmd("--epochs", "100000", "--phases", "scratch", "--out", str(run)),
+                         stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True, cwd=ROOT)
     while not (run / "ckpt_scratch.pt").exists():
         assert p.poll() is None, p.stderr.read()

@@ -17,7 +17,8 @@ SMOKE = ROOT / "configs" / "smoke" / "parity.yaml"
 
 
 def run_script(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, str(ROOT / "exp_parity.py"), *args], capture_output=True, text=True, cwd=cwd)
+    return subprocess.run([sys.executable, str(ROOT / "exp_parity.py"), *args], capture_output=True,
+                          text=True, cwd=cwd)
 
 
 def test_labels_are_the_parity_of_the_support():
@@ -31,7 +32,8 @@ def test_labels_are_the_parity_of_the_support():
     d = ep.make_data(5, [2, 5], 4, 0, 3, "cpu")
     for row, label in zip(d["x_train"].tolist(), d["y_train"].tolist()):
         assert label == (1 if row[1] == row[4] else -1)
-    assert torch.equal(ep.make_data(6, [1, 2, 3], 50, 30, 0, "cpu")["x_train"], ep.make_data(6, [1, 2, 3], 50, 30, 0, "cpu")["x_train"])
+    assert torch.equal(ep.make_data(6, [1, 2, 3], 50, 30, 0, "cpu")["x_train"],
+                       ep.make_data(6, [1, 2, 3], 50, 30, 0, "cpu")["x_train"])
     assert 0.35 < (y > 0).float().mean() < 0.65
 
 
@@ -49,7 +51,8 @@ def test_target_first_layer_is_x_A_B_and_scratch_is_x_E():
     scratch = ep.target_model(cfg, [0], 0.5, "cpu")
     assert scratch.embed.weight.shape == (1, 7, 5) and scratch.embed.weight.abs().max() <= 0.5 / 7 ** 0.5
     weak = ep.weak_model(cfg, [0], "cpu")
-    assert [tuple(w.shape) for w in weak.layers] == [(1, 7, 16), (1, 16, 16), (1, 16, 1)] and weak.embed is None
+    assert [tuple(w.shape) for w in weak.layers] == [(1, 7, 16), (1, 16, 16), (1, 16, 1)]
+    assert weak.embed is None
 
 
 def test_logistic_loss_and_sign_accuracy():
@@ -75,10 +78,12 @@ def test_smoke_run_and_the_weak_model_stops_at_transfer_at(tmp_path):
     assert (before < 0.7).all()  # it stopped at the first evaluation at or above 70%
     emb = torch.load(out / "embedding.pt", weights_only=True)["embedding"]
     models = torch.load(out / "models.pt", weights_only=True)
-    torch.testing.assert_close(emb, models["weak"]["layers.0"][0])  # the weak first layer is what was transferred
+    # the weak first layer is what was transferred
+    torch.testing.assert_close(emb, models["weak"]["layers.0"][0])
     assert emb.shape == (10, 16)
     for phase in ("groktransfer", "scratch"):
-        assert s["phases"][phase]["members"][0]["final_train_acc"] == 1.0 and s["phases"][phase]["epochs"] == 200
+        assert s["phases"][phase]["members"][0]["final_train_acc"] == 1.0
+        assert s["phases"][phase]["epochs"] == 200
     # the paper's claim at smoke size (deterministic on the CPU for a thread count): the transferred
     # target reaches 95% test accuracy no later than the target from scratch
     gt, scratch = (s["phases"][p]["members"][0]["first_epoch_test_95"] for p in ("groktransfer", "scratch"))
@@ -87,7 +92,8 @@ def test_smoke_run_and_the_weak_model_stops_at_transfer_at(tmp_path):
 
 def test_parity_grid_runs_with_the_logistic_loss(tmp_path):
     r = run_script("--config", str(SMOKE), "--grid", "--grid_phase", "scratch", "--grid_init_scales", "1",
-                   "--grid_lrs", "1e-2", "--grid_wds", "0.1", "1", "--grid_stop_at", "0.9", "--quiet", "--out", str(tmp_path / "g"))
+                   "--grid_lrs", "1e-2", "--grid_wds", "0.1", "1", "--grid_stop_at", "0.9", "--quiet",
+                   "--out", str(tmp_path / "g"))
     assert r.returncode == 0, r.stderr
     rows = harness.read_grid(tmp_path / "g" / "grid.csv")
     assert [r["wd"] for r in rows] == [0.1, 1.0] and all(r["status"] == "reached" for r in rows)

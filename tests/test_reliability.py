@@ -19,7 +19,8 @@ def cmd(script, *args):
 
 
 def without_times(path):
-    """summary.json minus the wall-clock fields (wall_s, compute_s*) and peak memory, which differ between any two runs."""
+    """summary.json minus the wall-clock fields (wall_s, compute_s*) and peak memory, which differ between
+    any two runs."""
     def strip(obj):
         if isinstance(obj, dict):
             return {k: strip(v) for k, v in obj.items()
@@ -74,7 +75,9 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path, uninterrupted)
     r = subprocess.run(args + ["--resume"], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr
     assert "[scratch] resuming from epoch" in r.stdout
-    assert "[weak] epoch" not in r.stdout and "[groktransfer] epoch" not in r.stdout  # finished phases skipped
+    # finished phases skipped
+    assert "[weak] epoch" not in r.stdout
+    assert "[groktransfer] epoch" not in r.stdout
     ref = uninterrupted[0]
     assert (run / "metrics.csv").read_bytes() == (ref / "metrics.csv").read_bytes()
     assert without_times(run / "summary.json") == without_times(ref / "summary.json")
@@ -109,14 +112,17 @@ def test_xor_kill_9_then_resume(tmp_path):
 def test_resume_refuses_a_config_that_changes_results(tmp_path, uninterrupted):
     run = uninterrupted[1]
     before = (run / "metrics.csv").read_bytes()
-    r = subprocess.run(cmd("modular", "--out", str(run), "--resume", "--gt_lr", "0.5"), capture_output=True, text=True, cwd=ROOT)
+    r = subprocess.run(cmd("modular", "--out", str(run), "--resume", "--gt_lr", "0.5"), capture_output=True,
+                       text=True, cwd=ROOT)
     assert r.returncode == 2 and "config key 'gt_lr'" in r.stderr and r.stderr.count("\n") == 1
     assert (run / "metrics.csv").read_bytes() == before
-    r = subprocess.run(cmd("modular", "--out", str(tmp_path / "nothing"), "--resume"), capture_output=True, text=True, cwd=ROOT)
+    r = subprocess.run(cmd("modular", "--out", str(tmp_path / "nothing"), "--resume"), capture_output=True,
+                       text=True, cwd=ROOT)
     assert r.returncode == 2 and "--resume: no run in" in r.stderr and not (tmp_path / "nothing").exists()
 
 
-@pytest.mark.parametrize("content, words", [("not a tensor file", "is not a saved tensor"), (None, "vocabulary size 7 but p = 23")])
+@pytest.mark.parametrize("content, words", [("not a tensor file", "is not a saved tensor"),
+                                            (None, "vocabulary size 7 but p = 23")])
 def test_a_bad_weak_embedding_file_is_refused(tmp_path, content, words):
     import torch
     path = tmp_path / "emb.pt"
@@ -124,7 +130,8 @@ def test_a_bad_weak_embedding_file_is_refused(tmp_path, content, words):
         torch.save({"embedding": torch.zeros(7, 4)}, path)
     else:
         path.write_text(content)
-    r = subprocess.run(cmd("modular", "--weak_embedding", str(path), "--phases", "groktransfer", "--out", str(tmp_path / "r")),
+    r = subprocess.run(cmd("modular", "--weak_embedding", str(path), "--phases", "groktransfer", "--out",
+                           str(tmp_path / "r")),
                        capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 2 and words in r.stderr and not (tmp_path / "r").exists(), r.stderr
 
@@ -182,7 +189,8 @@ def test_a_checkpoint_of_another_run_stops_resume_and_changes_nothing(tmp_path, 
 
 def test_a_second_run_into_an_occupied_directory_is_refused(finished):
     before = snapshot(finished)
-    r = subprocess.run(cmd("modular", "--seed", "1", "--out", str(finished)), capture_output=True, text=True, cwd=ROOT)
+    r = subprocess.run(cmd("modular", "--seed", "1", "--out", str(finished)), capture_output=True,
+                       text=True, cwd=ROOT)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "already holds a run" in r.stderr, r.stderr
     assert "--resume" in r.stderr and snapshot(finished) == before
 
@@ -210,10 +218,12 @@ def test_sigterm_checkpoints_says_how_to_resume_and_the_command_works_as_printed
 def test_two_processes_never_write_one_run_directory(tmp_path):
     """While a run is in progress, a second process (even with --resume) is refused; the first goes on."""
     run = tmp_path / "run"
-    p = subprocess.Popen(cmd("parity", "--epochs", "100000", "--ckpt_every", "20", "--quiet", "--out", str(run)),
+    p = subprocess.Popen(cmd("parity", "--epochs", "100000", "--ckpt_every", "20", "--quiet",
+                             "--out", str(run)),
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     wait_for_file(p, run, "ckpt_weak.pt")
-    second = subprocess.run(cmd("parity", "--epochs", "100000", "--ckpt_every", "20", "--out", str(run), "--resume"),
+    second = subprocess.run(cmd("parity", "--epochs", "100000", "--ckpt_every", "20", "--out",
+                                str(run), "--resume"),
                             capture_output=True, text=True, cwd=ROOT)
     assert p.poll() is None  # still running: the refusal below is the lock's
     p.send_signal(signal.SIGTERM)

@@ -20,8 +20,10 @@ SMOKE = ROOT / "configs" / "smoke" / "modular_studies.yaml"
 
 
 def run(tmp_path, *args, script="exp_modular_studies.py"):
-    out, config = tmp_path / "run", SMOKE if script == "exp_modular_studies.py" else ROOT / "configs/smoke/modular.yaml"
-    r = subprocess.run([sys.executable, str(ROOT / script), "--config", str(config), "--quiet", "--out", str(out),
+    out = tmp_path / "run"
+    config = SMOKE if script == "exp_modular_studies.py" else ROOT / "configs/smoke/modular.yaml"
+    r = subprocess.run([sys.executable, str(ROOT / script), "--config", str(config), "--quiet", "--out",
+                        str(out),
                         *args], capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     return out, json.loads((out / "summary.json").read_text()), r
@@ -49,7 +51,8 @@ def test_study_weak_epochs_one_target_per_snapshot_and_seed(tmp_path, seeds, sna
     rows, snaps = s["study"]["rows"], [int(e) for e in snapshots.split(",")]
     assert [r["weak_epoch"] for r in rows] == snaps
     metrics = harness.read_metrics(out / "metrics.csv")
-    assert metrics["weak"]["epochs"][-1] == snaps[-1] and metrics["targets"]["metrics"].shape[1] == seeds * len(snaps)
+    assert metrics["weak"]["epochs"][-1] == snaps[-1]
+    assert metrics["targets"]["metrics"].shape[1] == seeds * len(snaps)
     targets = s["phases"]["targets"]["members"]
     for i, r in enumerate(rows):  # the weak test accuracy at each snapshot is the weak phase's metric there
         at = list(metrics["weak"]["epochs"]).index(r["weak_epoch"])
@@ -61,11 +64,13 @@ def test_study_weak_epochs_one_target_per_snapshot_and_seed(tmp_path, seeds, sna
 def test_study_weak_epochs_resumes_after_an_interrupt(tmp_path):
     """The snapshots taken before an interrupt are on disk: the printed resume command finishes the study,
     with the rows an uninterrupted run gets."""
-    args = ["--study", "weak_epochs", "--weak_snapshots", "20,40,1500", "--epochs", "30", "--ckpt_every", "20"]
+    args = ["--study", "weak_epochs", "--weak_snapshots", "20,40,1500", "--epochs", "30",
+            "--ckpt_every", "20"]
     (tmp_path / "a").mkdir()
     base, s_base, _ = run(tmp_path / "a", *args)
     out = tmp_path / "b"
-    cmd = [sys.executable, str(ROOT / "exp_modular_studies.py"), "--config", str(SMOKE), "--quiet", "--out", str(out),
+    cmd = [sys.executable, str(ROOT / "exp_modular_studies.py"), "--config", str(SMOKE), "--quiet", "--out",
+           str(out),
            *args]
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
     while not (out / "weak_snapshots.pt").exists() and p.poll() is None:
@@ -91,7 +96,8 @@ def test_study_weak_embedding_view(tmp_path):
 
 
 def test_study_low_rank_runs_the_three_variants_beside_groktransfer(tmp_path):
-    out, s, _ = run(tmp_path, "--study", "low_rank", "--weak_epochs", "50", "--epochs", "40", "--merge_at", "10",
+    out, s, _ = run(tmp_path, "--study", "low_rank", "--weak_epochs", "50", "--epochs", "40", "--merge_at",
+                    "10",
                     "--seeds", "2")
     assert list(s["phases"]) == ["weak", "groktransfer", "random_ab", "merged", "weak_full_rank", "full_rank"]
     assert set(s["study"]["time_gap"]) == {"groktransfer", "random_ab", "merged", "full_rank"}
@@ -107,7 +113,8 @@ def test_study_low_rank_runs_the_three_variants_beside_groktransfer(tmp_path):
 
 
 def test_study_oinfo_one_phase_per_weight_decay(tmp_path):
-    out, s, _ = run(tmp_path, "--study", "oinfo", "--oinfo_width", "24", "--oinfo_wds", "0.1,2", "--epochs", "40",
+    out, s, _ = run(tmp_path, "--study", "oinfo", "--oinfo_width", "24", "--oinfo_wds", "0.1,2", "--epochs",
+                    "40",
                     "--track_every", "20", "--probe_size", "64", "--oinfo_bins", "4", "--seeds", "2")
     assert list(s["phases"]) == ["wd_0.1", "wd_2"] and s["phases"]["wd_2"]["wd"] == 2.0
     prog = harness.read_progress(out / "progress.csv")
@@ -124,7 +131,8 @@ def test_study_oinfo_one_phase_per_weight_decay(tmp_path):
 
 
 def test_track_in_the_default_run(tmp_path):
-    out, s, _ = run(tmp_path, "--track", "ntk,cka", "--track_every", "100", "--probe_size", "16", "--phases", "scratch",
+    out, s, _ = run(tmp_path, "--track", "ntk,cka", "--track_every", "100", "--probe_size", "16", "--phases",
+                    "scratch",
                     script="exp_modular.py")
     prog = harness.read_progress(out / "progress.csv")
     assert set(prog["scratch"]) == {"ntk_change", "kernel_alignment", "wnorm:embed.weight", "wnorm:layers.0",

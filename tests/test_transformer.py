@@ -1,6 +1,6 @@
-"""common.Transformer, exp_transformer.GrokFast and exp_transformer.py: shapes, the causal mask, attention against
-a hand-written one, the GrokFast filter against a hand computation, resume with GrokFast state, and a
-smoke run as a user would run it."""
+"""common.Transformer, exp_transformer.GrokFast and exp_transformer.py: shapes, the causal mask,
+attention against a hand-written one, the GrokFast filter against a hand computation, resume with
+GrokFast state, and a smoke run as a user would run it."""
 import json
 import math
 import subprocess
@@ -62,7 +62,8 @@ def test_forward_matches_a_hand_written_transformer(layer_norm):
     H, dh = 2, 8
 
     def ln(h, w, b):
-        return (h - h.mean(-1, keepdim=True)) / torch.sqrt(h.var(-1, unbiased=False, keepdim=True) + 1e-5) * w[0] + b[0]
+        centred = h - h.mean(-1, keepdim=True)
+        return centred / torch.sqrt(h.var(-1, unbiased=False, keepdim=True) + 1e-5) * w[0] + b[0]
 
     for i in range(3):
         h = model.embed.weight[0, x[i]] + model.pos[0]  # (T, d)
@@ -85,8 +86,10 @@ def test_forward_matches_a_hand_written_transformer(layer_norm):
 
 
 def test_init_scale_scales_every_parameter_and_factored_embedding_trains_A():
-    one = common.transformer(11, 5, 7, n_layers=1, d_model=16, d_mlp=24, n_heads=2, d_head=8, init_scales=1.0, seeds=[0])
-    half = common.transformer(11, 5, 7, n_layers=1, d_model=16, d_mlp=24, n_heads=2, d_head=8, init_scales=0.5, seeds=[0])
+    one = common.transformer(11, 5, 7, n_layers=1, d_model=16, d_mlp=24, n_heads=2, d_head=8,
+                             init_scales=1.0, seeds=[0])
+    half = common.transformer(11, 5, 7, n_layers=1, d_model=16, d_mlp=24, n_heads=2, d_head=8,
+                              init_scales=0.5, seeds=[0])
     for a, b in zip(one.parameters(), half.parameters()):
         torch.testing.assert_close(b, 0.5 * a)
     bound = 1 / math.sqrt(16)
@@ -168,12 +171,14 @@ def test_flops_count_of_the_paper_model():
     N = 2 * 512 * 8 * (2 * 512 + 512)
     assert common.transformer_flops(1, 8, 512, 512, 4, 128, 0, 0, 0) == 6 * N
     # scores and mixing: 2 n_ctx d_attn multiply-adds per token and layer; unembedding per sequence
-    assert common.transformer_flops(10, 1, 4, 8, 1, 4, 2, 3, 5) == 6 * (10 * (4 * 12 + 16 + 64 + 16) + 5 * 4 * 3)
+    flops = common.transformer_flops(10, 1, 4, 8, 1, 4, 2, 3, 5)
+    assert flops == 6 * (10 * (4 * 12 + 16 + 64 + 16) + 5 * 4 * 3)
 
 
 def test_smoke_run_writes_every_phase_and_table1(tmp_path):
     run = tmp_path / "run"
-    r = subprocess.run([sys.executable, str(ROOT / "exp_transformer.py"), "--config", str(SMOKE), "--out", str(run)],
+    r = subprocess.run([sys.executable, str(ROOT / "exp_transformer.py"), "--config", str(SMOKE),
+                        "--out", str(run)],
                        capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     s = json.loads((run / "summary.json").read_text())
@@ -205,8 +210,10 @@ def test_random_ab_control_draws_its_own_a_per_seed_and_trains_it(tmp_path):
     assert torch.equal(et.random_a(cfg, [0])[0], A[0])  # member 0's draw does not depend on the others
     assert float(A.std()) == pytest.approx(0.6, rel=0.1)
     run = tmp_path / "run"
-    r = subprocess.run([sys.executable, str(ROOT / "exp_transformer.py"), "--config", str(SMOKE), "--out", str(run),
-                        "--phases", "random_ab", "--epochs", "20"], capture_output=True, text=True, cwd=tmp_path)
+    r = subprocess.run([sys.executable, str(ROOT / "exp_transformer.py"), "--config", str(SMOKE), "--out",
+                        str(run),
+                        "--phases", "random_ab", "--epochs", "20"], capture_output=True, text=True,
+                        cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert list(json.loads((run / "summary.json").read_text())["phases"]) == ["random_ab"]
     final = torch.load(run / "models.pt")["random_ab"]
@@ -216,7 +223,8 @@ def test_random_ab_control_draws_its_own_a_per_seed_and_trains_it(tmp_path):
 
 def test_parity_task_runs_the_transformer_on_bit_tokens(tmp_path):
     run = tmp_path / "run"
-    r = subprocess.run([sys.executable, str(ROOT / "exp_transformer.py"), "--config", str(SMOKE), "--op", "parity",
+    r = subprocess.run([sys.executable, str(ROOT / "exp_transformer.py"), "--config", str(SMOKE), "--op",
+                        "parity",
                         "--q", "6", "--k", "2", "--n", "64", "--n_test", "64", "--epochs", "20",
                         "--phases", "scratch", "--track", "cka", "--track_every", "10", "--probe_size", "8",
                         "--out", str(run)], capture_output=True, text=True, cwd=tmp_path)
@@ -228,5 +236,5 @@ def test_parity_task_runs_the_transformer_on_bit_tokens(tmp_path):
     cfg = et.Config(op="parity", q=6, k=2, n=64, n_test=64)
     d = et.make_data(cfg, "cpu")
     assert d["x_train"].shape == (64, 6) and set(d["x_train"].unique().tolist()) <= {0, 1}
-    parity = (d["x_train"][:, :2].sum(1) % 2 == 0).long()  # product of ±1 bits is +1 iff an even count of -1s
+    parity = (d["x_train"][:, :2].sum(1) % 2 == 0).long()  # a product of ±1 bits is +1 iff -1s are even
     assert torch.equal(d["y_train"], parity)

@@ -19,7 +19,8 @@ SMOKE = ROOT / "configs" / "smoke" / "xor.yaml"
 
 
 def run_script(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, str(ROOT / "exp_xor.py"), *args], capture_output=True, text=True, cwd=cwd)
+    return subprocess.run([sys.executable, str(ROOT / "exp_xor.py"), *args], capture_output=True,
+                          text=True, cwd=cwd)
 
 
 def test_data_labels_noise_and_determinism():
@@ -101,7 +102,8 @@ def test_norm_ratio_and_neuron_features_on_a_constructed_layer():
     W[2:, 2] = 0.1
     feats = ex.neuron_features(W)
     assert [f["feature"] for f in feats] == [[-1, 1], [1, -1], [-1, -1]]
-    assert feats[0]["cosine_first_two"] == pytest.approx(1.0) and feats[0]["cosine_full"] == pytest.approx(1.0)
+    assert feats[0]["cosine_first_two"] == pytest.approx(1.0)
+    assert feats[0]["cosine_full"] == pytest.approx(1.0)
     assert feats[2]["cosine_full"] < feats[2]["cosine_first_two"] < 1
     assert feats[2]["rest_over_signal_norm"] == pytest.approx(math.sqrt(8 * 0.01) / math.sqrt(1.81), abs=1e-4)
 
@@ -113,8 +115,9 @@ def test_one_step_claim_holds_on_a_small_setting():
     cfg = ex.Config(p=400, n=300, n_test=1000, target_width=1024, target_epochs=1, quiet=True)
     d = ex.make_data(cfg.n, cfg.p, cfg.eps, cfg.n_test, 0, "cpu")
     U = torch.zeros(cfg.p, 3)
-    U[:2, 0], U[:2, 1], U[:2, 2] = torch.tensor([-1.0, 1.0]), torch.tensor([1.0, -1.0]), torch.tensor([-1.0, -1.0])
-    U[2:] = torch.randn(cfg.p - 2, 3, generator=torch.Generator().manual_seed(0)) * 0.01  # ||delta||_F ~ eps sqrt(p/n)/5
+    U[:2] = torch.tensor([[-1.0, 1.0, -1.0], [1.0, -1.0, -1.0]])  # columns (-1, 1), (1, -1), (-1, -1)
+    # ||delta||_F ~ eps sqrt(p/n)/5
+    U[2:] = torch.randn(cfg.p - 2, 3, generator=torch.Generator().manual_seed(0)) * 0.01
     h = ex.train_target(cfg, d, U[None], [0], "cpu")
     before, after = h["metrics"][0, 0], h["metrics"][list(h["epochs"]).index(1), 0]
     assert before[1] < 0.9  # not solved at initialisation
@@ -125,7 +128,8 @@ def test_smoke_run_writes_everything(tmp_path):
     out = tmp_path / "run"
     r = run_script("--config", str(SMOKE), "--out", str(out))
     assert r.returncode == 0, r.stderr
-    for name in ("config.yaml", "metrics.csv", "summary.json", "dynamics.png", "neurons.png", "embedding3d.png", "embedding.pt"):
+    for name in ("config.yaml", "metrics.csv", "summary.json", "dynamics.png", "neurons.png",
+                 "embedding3d.png", "embedding.pt"):
         assert (out / name).is_file(), name
     s = json.loads((out / "summary.json").read_text())
     assert list(s["phases"]) == ["scratch", "weak", "groktransfer"]
@@ -133,24 +137,30 @@ def test_smoke_run_writes_everything(tmp_path):
     features = weak["weak_neuron_features"][0]  # member 0's three neurons
     assert len(features) == 3 and all(len(f["feature"]) == 2 for f in features)
     m = harness.read_metrics(out / "metrics.csv")
-    one = m["groktransfer"]["metrics"][list(m["groktransfer"]["epochs"]).index(1), 0]  # the row after one step
+    # the row after one step
+    one = m["groktransfer"]["metrics"][list(m["groktransfer"]["epochs"]).index(1), 0]
     assert gt["one_step_train_acc"] == pytest.approx([float(one[common.TRAIN_ACC])])
     assert gt["one_step_test_acc"] == pytest.approx([float(one[common.TEST_ACC])])
     assert m["scratch"]["epochs"][-1] == 40 and m["groktransfer"]["epochs"][:3].tolist() == [0, 1, 2]
     at1 = m["groktransfer"]["metrics"][1, 0]
-    assert at1[1] == pytest.approx(gt["one_step_train_acc"][0]) and at1[3] == pytest.approx(gt["one_step_test_acc"][0])
+    assert at1[1] == pytest.approx(gt["one_step_train_acc"][0])
+    assert at1[3] == pytest.approx(gt["one_step_test_acc"][0])
     U = torch.load(out / "embedding.pt", weights_only=True)["U"]
-    assert U.shape == (1, 300, 3) and weak["norm_ratio"][0] == pytest.approx(ex.norm_ratio(U).item(), rel=1e-5)
+    assert U.shape == (1, 300, 3)
+    assert weak["norm_ratio"][0] == pytest.approx(ex.norm_ratio(U).item(), rel=1e-5)
 
 
 def test_studies_smoke(tmp_path):
-    r = run_script("--config", str(SMOKE), "--study", "norm_ratio", "--weak_epochs", "30", "--out", str(tmp_path / "nr"))
+    r = run_script("--config", str(SMOKE), "--study", "norm_ratio", "--weak_epochs", "30", "--out",
+                   str(tmp_path / "nr"))
     assert r.returncode == 0, r.stderr
     s = json.loads((tmp_path / "nr" / "summary.json").read_text())
     assert len(s["results"]["vs_p"]) == 4 and len(s["results"]["vs_n"]) == 4
     assert set(s["slopes"]) == {f"{w}_eps_{e:.6g}" for w in ("vs_p", "vs_n") for e in (0.05, 0.1)}
-    assert all(np.isfinite(v) for v in s["slopes"].values()) and (tmp_path / "nr" / "norm_ratio.png").is_file()
-    r = run_script("--config", str(SMOKE), "--study", "weak_width", "--weak_widths", "1", "2", "--out", str(tmp_path / "ww"))
+    assert all(np.isfinite(v) for v in s["slopes"].values())
+    assert (tmp_path / "nr" / "norm_ratio.png").is_file()
+    r = run_script("--config", str(SMOKE), "--study", "weak_width", "--weak_widths", "1", "2", "--out",
+                   str(tmp_path / "ww"))
     assert r.returncode == 0, r.stderr
     s = json.loads((tmp_path / "ww" / "summary.json").read_text())
     assert list(s["phases"]) == ["weak-1", "target-1", "weak-2", "target-2"]
