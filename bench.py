@@ -91,6 +91,10 @@ def check(cfg: Config):
     if bad or not cfg.precisions:
         raise ConfigError(f"precisions must be a non-empty subset of {', '.join(common.PRECISIONS)}; "
                           f"got {cfg.precisions}")
+    n_params = cfg.p * cfg.d_embed + 2 * cfg.d_embed * cfg.width + cfg.width * cfg.width + cfg.width * cfg.p
+    K = max(cfg.Ks)
+    harness.check_size(f"width = {cfg.width}, d_embed = {cfg.d_embed}, K = {K}", n_params * K,
+                       cfg.p * cfg.p * (2 * cfg.width + cfg.p) * K)
     parent = Path(cfg.out).resolve().parent
     if not parent.is_dir() or not os.access(parent, os.W_OK):
         raise ConfigError(f"cannot write {cfg.out}: {parent} is not a writable directory")

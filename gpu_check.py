@@ -209,6 +209,10 @@ def check(cfg: Config):
                           f"got {cfg.budget_s}")
     if Path(cfg.out).is_file():
         raise ConfigError(f"out must be a directory; {cfg.out} is a file")
+    out = Path(cfg.out).resolve()
+    existing = next((d for d in [out, *out.parents] if d.exists()), None)  # where the first mkdir happens
+    if existing is None or not os.access(existing, os.W_OK):
+        raise ConfigError(f"out {cfg.out} cannot be written ({existing} is not writable)")
     harness.pick_device(cfg.device)
 
 
