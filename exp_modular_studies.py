@@ -445,11 +445,8 @@ def study_low_rank(cfg, run, data, device, seeds, weak, record, train_kw):
 
     model = target_model(cfg, seeds, cfg.gt_init_scale, device, weak=weak)
     record.phase_done("groktransfer", target("groktransfer", model), model)
-    # (a) A random, drawn as a d_W-dim nn.Embedding (N(0, 1)) times the target's init scale, member k's
-    # from Generator(seeds[k] + 7): a member's A does not depend on the other members
-    A = torch.stack([common.embedding_init(torch.Generator().manual_seed(s + 7), (cfg.p, cfg.weak_d_embed),
-                                           cfg.gt_init_scale) for s in seeds])
-    model = target_model(cfg, seeds, cfg.gt_init_scale, device, weak=A)
+    # (a) A random (random_a)
+    model = target_model(cfg, seeds, cfg.gt_init_scale, device, weak=random_a(cfg, seeds))
     record.phase_done("random_ab", target("random_ab", model), model)
     # (b) GrokTransfer for merge_at epochs, then E = A @ B as one plain trainable table
     model = target_model(cfg, seeds, cfg.gt_init_scale, device, weak=weak)
@@ -501,6 +498,13 @@ def study_low_rank(cfg, run, data, device, seeds, weak, record, train_kw):
     fig.suptitle(f"{cfg.op} mod {cfg.p}: is low rank the reason? (Fig 15)", fontsize=10)
     fig.tight_layout()
     return [plots.save_figure(fig, run / "low_rank.png"), plots.plot_dynamics(run)]
+
+
+def random_a(cfg, seeds) -> torch.Tensor:
+    """Fig 15(a)'s A, (K, p, d_W): a d_W-dim nn.Embedding draw (N(0, 1)) times the target's init scale,
+    member k's from Generator(seeds[k] + 7), so a member's A does not depend on the other members."""
+    return torch.stack([common.embedding_init(torch.Generator().manual_seed(s + 7), (cfg.p, cfg.weak_d_embed),
+                                              cfg.gt_init_scale) for s in seeds])
 
 
 def onehot_pairs(data: dict, p: int) -> dict:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import common
 import harness
@@ -140,3 +141,11 @@ def test_track_in_the_default_run(tmp_path):
     e, align = prog["scratch"]["kernel_alignment"]
     assert e.tolist() == [0, 1, 2, 4, 8, 16, 32, 64, 100, 200, 300] and np.all(np.abs(align) <= 1)
     assert (out / "progress.png").stat().st_size > 10_000
+
+
+def test_random_a_of_a_member_is_the_one_it_gets_alone():
+    cfg = ems.resolve(ems.Config(p=23))
+    together = ems.random_a(cfg, [0, 1, 2])
+    for k in range(3):
+        assert torch.equal(together[k], ems.random_a(cfg, [k])[0])
+    assert not torch.equal(together[0], together[1])
