@@ -420,7 +420,7 @@ def study(cfg, run, data, device, record, train_kw):
             m = hist["metrics"][1:, k].copy()
             m[~np.isfinite(m[:, :common.WEIGHT_NORM]).all(1)] = np.nan  # a diverged member's rows: not drawn
             ax.plot(ep, m[:, common.TRAIN_ACC], color=color, ls="--", lw=1)
-            delay = d["delay_60"][k] if isinstance(d["delay_60"], list) else d["delay_60"]
+            delay = d["delay_60"][k]  # one per member
             failed = hist["failed_epoch"][k]
             shown = delay if delay is not None else "-"
             note = f"NaN/inf from epoch {failed}" if failed >= 0 else f"delay to 60% test {shown}"

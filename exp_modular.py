@@ -23,16 +23,9 @@ Every config key below is also a flag (--key value); `--config FILE.yaml` sets s
 from __future__ import annotations
 
 import dataclasses
-import functools
-import itertools
-import math
-import sys
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
 import common
 import harness

@@ -39,7 +39,6 @@ from pathlib import Path
 
 import torch
 
-import common
 import harness
 from common import ConfigError
 

@@ -46,8 +46,8 @@ import yaml
 
 import plots
 
-from common import (METRICS, PRECISIONS, TEST_ACC, TEST_LOSS, TRAIN_ACC, TRAIN_LOSS, WEIGHT_NORM, ConfigError,
-                    Interrupted, first_epoch, member_summary, summarize, time_gap, train, transfer_point)
+from common import (METRICS, TEST_ACC, TRAIN_ACC, ConfigError, Interrupted, first_epoch, member_summary,
+                    summarize, train, transfer_point)
 
 # =============================================================================
 # 1. Configuration and CLI: defaults (a dataclass in the script) < --config FILE.yaml < --key value flags
@@ -323,9 +323,8 @@ def check_values(cfg):
             evals = v // max(1, getattr(cfg, "eval_every", 1))
             members = getattr(cfg, "seeds", 1)  # ~400 bytes a member per evaluation, held in memory
             check_memory(evals * members * 400, f"{key} = {v:g} ({evals:.3g} evaluations of metrics)")
-    device = getattr(cfg, "device", None)
-    if isinstance(device, str) and not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
-        raise ConfigError(f"unknown device '{device}'; use auto, cpu, cuda or cuda:N")
+    if isinstance(getattr(cfg, "device", None), str):
+        pick_device(cfg.device)  # an unknown device, or CUDA where there is none: before any work
     name = getattr(cfg, "name", "")
     if isinstance(name, str) and name and (Path(name).is_absolute() or ".." in Path(name).parts):
         raise ConfigError(f"name must stay inside runs/<experiment>/ (no '..', not absolute); got {name!r}")
@@ -370,14 +369,12 @@ def phase_list(text: str, allowed: tuple[str, ...]) -> list[str]:
 
 
 def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """auto, cpu, cuda or cuda:N -> the device; ConfigError for any other name, or cuda without CUDA."""
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", name):
+        raise ConfigError(f"unknown device '{name}'; use auto, cpu, cuda or cuda:N")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device '{name}' requested but CUDA is not available; use --device cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"unknown device '{name}'; use auto, cpu, cuda or cuda:N") from None
+    return torch.device(name if name != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
 
 
 def set_seed(seed: int, deterministic: bool = False):

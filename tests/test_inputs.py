@@ -46,6 +46,8 @@ def generic(script):
         "seeds past the range": (["--seed", str(2 ** 32 - 1), "--seeds", "2"], "numpy's seed range"),
         "name outside runs": (["--name", "../../x"], "name must stay inside runs/"),
     }
+    if not __import__("torch").cuda.is_available():  # refused before the run directory is made
+        cases["cuda without CUDA"] = (["--device", "cuda"], "CUDA is not available")
     if script in ("modular", "modular_studies", "parity", "transformer", "mnist"):
         cases["eval_every above epochs"] = (["--eval_every", "100000"], "is larger than epochs")
     if script != "xor":  # xor is plain gradient descent: no AdamW betas
