@@ -83,8 +83,8 @@ def check(cfg: Config):
                           f"got {cfg.train_frac}")
     if Path(cfg.out).is_dir():
         raise ConfigError(f"out must be a file path for the table (bench.json); {cfg.out} is a directory")
-    if cfg.warmup < 0:
-        raise ConfigError(f"warmup must be >= 0, got {cfg.warmup}")
+    if not 0 <= cfg.warmup <= 10 ** 6:
+        raise ConfigError(f"warmup must be in 0 .. 10^6 untimed epochs, got {cfg.warmup}")
     if not cfg.Ks or any(k <= 0 for k in cfg.Ks):
         raise ConfigError(f"Ks must be a non-empty list of positive integers, got {cfg.Ks}")
     bad = [p for p in cfg.precisions if p not in common.PRECISIONS]

@@ -129,9 +129,9 @@ def check(cfg: Config):
              "d_head", "epochs", "eval_every", "seeds", "q", "k", "n", "n_test")
     harness.require(cfg, positive=sizes, fractions=("transfer_at", "stop_at"))
     phases = harness.phase_list(cfg.phases, PHASES)
+    if cfg.k > cfg.q:  # checked for every op: a parity setting in a config is never silently wrong
+        raise ConfigError(f"k must be <= q, got k = {cfg.k}, q = {cfg.q}")
     if cfg.op == "parity":
-        if cfg.k > cfg.q:
-            raise ConfigError(f"k must be <= q, got k = {cfg.k}, q = {cfg.q}")
         if set(phases) & {"weak", "groktransfer", "random_ab"}:
             raise ConfigError("op 'parity' runs the phases scratch and grokfast only (no token embedding to "
                               "transfer)")
@@ -148,6 +148,10 @@ def check(cfg: Config):
     if cfg.track and cfg.track_every % cfg.eval_every:
         raise ConfigError(f"track_every ({cfg.track_every}) must be a multiple of eval_every "
                           f"({cfg.eval_every})")
+    harness.check_memory(8 * (cfg.n + cfg.n_test) * cfg.q, f"parity data, q = {cfg.q}, n = {cfg.n} + {cfg.n_test}")
+    weak = cfg.p * cfg.weak_d_embed + 2 * cfg.weak_d_embed * cfg.weak_width + cfg.weak_width * cfg.p
+    harness.check_size(f"weak_d_embed = {cfg.weak_d_embed}, weak_width = {cfg.weak_width}, seeds = {cfg.seeds}",
+                       weak * cfg.seeds, cfg.p * cfg.p * (cfg.weak_width + cfg.p) * cfg.seeds)
     n_seqs = cfg.n + cfg.n_test if cfg.op == "parity" else cfg.p * cfg.p
     d = cfg.d_model
     blocks = cfg.n_layers * (4 * d * cfg.n_heads * cfg.d_head + 2 * d * cfg.d_mlp)

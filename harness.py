@@ -289,7 +289,8 @@ def field_role(name: str, comment: str) -> str | None:
 
 def check_values(cfg):
     """The checks every script shares, by a field's role (field_role) and name: learning rates, init
-    scales and eps > 0, weight decays >= 0, betas in [0, 1) (lists: every value); seeds in numpy's range;
+    scales and eps > 0, weight decays >= 0, betas in [0, 1), accuracy thresholds (*stop_at, transfer_at) in
+    (0, 1] (lists: every value); seeds in numpy's range;
     ckpt_every >= 0; eval_every <= its epochs; a device that exists; a run name inside runs/; epochs
     whose metrics one run could hold in memory."""
     comments, _ = _field_comments(type(cfg))
@@ -305,6 +306,8 @@ def check_values(cfg):
                 raise ConfigError(f"{key} must be >= 0, got {x:g}")
             if role == "beta" and not 0 <= x < 1:
                 raise ConfigError(f"{key} must be in [0, 1), got {x:g}")
+            if re.fullmatch(r"(\w+_)?(stop|transfer)_at", key) and not 0 < x <= 1:
+                raise ConfigError(f"{key} must be in (0, 1] (an accuracy), got {x:g}")
         if isinstance(v, bool) or not isinstance(v, int):
             continue
         if key == "seed" or key.endswith("_seed"):
@@ -903,7 +906,7 @@ def run_grid(points: list[dict], build, data, *, epochs: int, threshold: float, 
     out-of-memory error halves K and retries the batch. on_batch(rows) is called after every batch
     (to write grid.csv as it grows). Returns (rows, K used at the end).
     """
-    K = members or auto_members(build, data, len(points), **train_kw)
+    K = min(members, len(points)) or auto_members(build, data, len(points), **train_kw)
     rows, start, t0 = [], 0, time.perf_counter()
     while start < len(points):
         batch = points[start:start + K]
