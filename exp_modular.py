@@ -151,7 +151,8 @@ def check(cfg: Config):
     harness.check_size(f"p = {cfg.p}, d_embed = {cfg.d_embed}, width = {cfg.width}, seeds = {cfg.seeds}",
                        model_size(cfg) * cfg.seeds, cfg.p * cfg.p * (2 * cfg.width + cfg.p) * cfg.seeds)
     weak = cfg.p * cfg.weak_d_embed + 2 * cfg.weak_d_embed * cfg.weak_width + cfg.weak_width * cfg.p
-    harness.check_size(f"weak_d_embed = {cfg.weak_d_embed}, weak_width = {cfg.weak_width}, seeds = {cfg.seeds}",
+    harness.check_size(f"weak_d_embed = {cfg.weak_d_embed}, weak_width = {cfg.weak_width}, "
+                       f"seeds = {cfg.seeds}",
                        weak * cfg.seeds, cfg.p * cfg.p * (cfg.weak_width + cfg.p) * cfg.seeds)
 
 

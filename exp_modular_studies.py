@@ -143,10 +143,12 @@ def check(cfg: Config):
     n_params = cfg.p * cfg.d_embed + 2 * cfg.d_embed * cfg.width + cfg.width * cfg.width + cfg.width * cfg.p
     harness.check_size(f"p = {cfg.p}, d_embed = {cfg.d_embed}, width = {cfg.width}, {members} members",
                        n_params * members, cfg.p * cfg.p * (2 * cfg.width + cfg.p) * members)
-    for what, d, width in ((f"weak_d_embed = {cfg.weak_d_embed}, weak_width = {cfg.weak_width}", cfg.weak_d_embed,
-                            cfg.weak_width), (f"text_dim = {cfg.text_dim}", cfg.text_dim, cfg.width),
-                           (f"oinfo_width = {cfg.oinfo_width}", cfg.d_embed, cfg.oinfo_width)):
-        harness.check_size(f"{what}, {members} members", (cfg.p * d + 2 * d * width + width * cfg.p) * members,
+    others = ((f"weak_d_embed = {cfg.weak_d_embed}, weak_width = {cfg.weak_width}", cfg.weak_d_embed,
+               cfg.weak_width), (f"text_dim = {cfg.text_dim}", cfg.text_dim, cfg.width),
+              (f"oinfo_width = {cfg.oinfo_width}", cfg.d_embed, cfg.oinfo_width))
+    for what, d, width in others:  # the weak, text-embedding and O-information models
+        harness.check_size(f"{what}, {members} members",
+                           (cfg.p * d + 2 * d * width + width * cfg.p) * members,
                            cfg.p * cfg.p * (width + cfg.p) * members)
 
 

@@ -148,9 +148,11 @@ def check(cfg: Config):
     if cfg.track and cfg.track_every % cfg.eval_every:
         raise ConfigError(f"track_every ({cfg.track_every}) must be a multiple of eval_every "
                           f"({cfg.eval_every})")
-    harness.check_memory(8 * (cfg.n + cfg.n_test) * cfg.q, f"parity data, q = {cfg.q}, n = {cfg.n} + {cfg.n_test}")
+    harness.check_memory(8 * (cfg.n + cfg.n_test) * cfg.q,
+                         f"parity data, q = {cfg.q}, n = {cfg.n} + {cfg.n_test}")
     weak = cfg.p * cfg.weak_d_embed + 2 * cfg.weak_d_embed * cfg.weak_width + cfg.weak_width * cfg.p
-    harness.check_size(f"weak_d_embed = {cfg.weak_d_embed}, weak_width = {cfg.weak_width}, seeds = {cfg.seeds}",
+    harness.check_size(f"weak_d_embed = {cfg.weak_d_embed}, weak_width = {cfg.weak_width}, "
+                       f"seeds = {cfg.seeds}",
                        weak * cfg.seeds, cfg.p * cfg.p * (cfg.weak_width + cfg.p) * cfg.seeds)
     n_seqs = cfg.n + cfg.n_test if cfg.op == "parity" else cfg.p * cfg.p
     d = cfg.d_model

@@ -136,7 +136,8 @@ def check(cfg: Config):
     n_points = max(cfg.n, cfg.ratio_n, *cfg.ratio_ns) + cfg.n_test  # data (n, p); the wide network (p, m)
     p_max = max(cfg.p, cfg.ratio_p, *cfg.ratio_ps)
     harness.check_size(f"p = {p_max}, n = {n_points}, width = {cfg.scratch_width}, seeds = {cfg.seeds}",
-                       p_max * max(cfg.scratch_width, cfg.target_width, cfg.weak_width, *cfg.weak_widths) * cfg.seeds,
+                       p_max * max(cfg.scratch_width, cfg.target_width, cfg.weak_width, *cfg.weak_widths)
+                       * cfg.seeds,
                        n_points * (p_max + 2 * cfg.scratch_width) * cfg.seeds)
 
 

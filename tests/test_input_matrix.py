@@ -41,7 +41,7 @@ ACCEPTED_IN = {("xor", "eval_every", "1e30"),  # xor's phases end with an evalua
 
 
 def accepted(script: str, field: str, value: str) -> bool:
-    if field == "grokfast_alpha" or (script, field, value) == ("bench", "out", ""):
+    if (field, value) == ("grokfast_alpha", "1e30") or (script, field, value) == ("bench", "out", ""):
         return False  # a fraction, [0, 1); bench.py's table needs a file name
     if (field, value) in ACCEPTED_ANYWHERE or (script, field, value) in ACCEPTED_IN:
         return True
