@@ -25,7 +25,7 @@ ACCEPTED_ANYWHERE = {
     ("members", "0"),  # 0 = as many grid points at once as fit in memory
     ("members", "1e30"),  # clipped to the number of grid points
     ("probe_size", "1e30"),  # clipped to the training set
-    ("track_every", "1e30"),  # nothing tracked is measured after epoch 0; nothing is allocated for it
+    ("track_every", "1e30"),  # a sparse schedule (a multiple of eval_every); allocates nothing
     ("merge_at", "1e30"),  # read by --study low_rank only, which checks it against epochs
     ("beta1", "0"), ("beta2", "0"),  # AdamW betas in [0, 1)
     ("grokfast_alpha", "0"), ("grokfast_lamb", "0"), ("grokfast_beta2", "0"),  # GrokFast off / no momentum
